@@ -1,0 +1,68 @@
+"""Application builder: one Serve application with the router, E experts and dense.
+
+`build_app(settings)` is used by `switchyard serve`; `app_builder(args)` is the import
+path for Serve config files and KubeRay (`import_path: services.app:app_builder`),
+taking the same settings as a mapping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from experts.bundle import load_bundle
+from services.model_replica import ModelReplica
+from services.router_ingress import RouterIngress
+from services.settings import ReplicaSettings, Settings
+
+__all__ = ["ROUTER_DEPLOYMENT", "DENSE_DEPLOYMENT", "app_builder", "build_app", "expert_deployment_name"]
+
+ROUTER_DEPLOYMENT = "router"
+DENSE_DEPLOYMENT = "dense"
+# Serve's per-request access log line costs CPU on the hot path; the router writes
+# one canonical line per request instead.
+_LOGGING = {"enable_access_log": False}
+
+
+def expert_deployment_name(expert_id: int) -> str:
+    return f"expert-{expert_id}"
+
+
+def _model_deployment(name: str, bundle_path: str, replica: ReplicaSettings):
+    deployment = serve.deployment(ModelReplica).options(
+        name=name, logging_config=_LOGGING, user_config={}, **replica.deployment_options()
+    )
+    return deployment.bind(bundle_path, name, replica.max_batch_size, replica.batch_wait_timeout_s,
+                           replica.torch_threads)
+
+
+def build_app(settings: Settings) -> Application:
+    """Bind every deployment of the application from validated settings.
+
+    Raises:
+        BundleError: the bundle is missing or fails verification (checked here, before
+            any replica starts).
+    """
+    bundle = load_bundle(settings.bundle)
+    bundle_path = str(settings.bundle.resolve())
+    num_experts = len(bundle.manifest["experts"])
+    unknown = sorted(set(settings.expert_overrides) - set(range(num_experts)))
+    if unknown:
+        raise ValueError(f"expert_overrides names experts {unknown}, but the bundle has experts 0..{num_experts - 1}")
+
+    experts = [
+        _model_deployment(expert_deployment_name(i), bundle_path, settings.expert_settings(i))
+        for i in range(num_experts)
+    ]
+    dense = _model_deployment(DENSE_DEPLOYMENT, bundle_path, settings.dense)
+    router = serve.deployment(RouterIngress).options(
+        name=ROUTER_DEPLOYMENT, logging_config=_LOGGING, **settings.router.replica.deployment_options()
+    )
+    return router.bind(bundle_path, settings.router.model_dump(mode="json"), experts, dense)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Serve application builder: `args` is a settings mapping (as in a config file)."""
+    return build_app(Settings.model_validate(args or {}))

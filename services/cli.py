@@ -1,0 +1,191 @@
+"""`switchyard` command line. Logs go to stderr; `--json` prints one JSON object on stdout."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from monitoring.logging import configure_logging, get_logger
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Adaptive mixture-of-experts serving on Ray Serve.",
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_BUNDLE = Path(".switchyard/bundles/digits")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send everything written to file descriptor 1 to stderr, so `--json` output stays clean.
+
+    Ray prints some messages of its background processes straight to the driver's stdout.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _env(option: str) -> str:
+    return f"SWITCHYARD_{option.upper()}"
+
+
+@app.command()
+def train(
+    dataset: str = typer.Option("digits", envvar=_env("dataset"), help="Built-in data set: digits or mnist5k."),
+    data: Optional[Path] = typer.Option(None, envvar=_env("data"), help="User data file (.npz, .csv or .parquet)."),
+    label_column: Optional[str] = typer.Option(None, envvar=_env("label_column"),
+                                               help="Label column of a .csv or .parquet file."),
+    out: Optional[Path] = typer.Option(None, envvar=_env("out"),
+                                       help="Bundle directory [default: .switchyard/bundles/<dataset>]."),
+    experts: int = typer.Option(4, envvar=_env("experts"), min=1, max=64, help="Number of experts."),
+    seed: int = typer.Option(0, envvar=_env("seed"), help="Seed of the split and of training."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Train the gate, the experts and the dense model on one split; write a model bundle."""
+    from dataclasses import replace
+
+    from experts.data import DatasetError, load_dataset, load_file
+    from services.train import DEFAULT_MIXTURE, train_bundle
+
+    configure_logging()
+    log = get_logger("cli")
+    try:
+        loaded = load_file(data, label_column, seed=seed) if data else load_dataset(dataset, seed=seed)
+    except DatasetError as error:
+        _fail(str(error))
+    out = out or Path(".switchyard/bundles") / loaded.name
+    log.info("training", dataset=loaded.name, train=len(loaded.train), experts=experts, out=str(out))
+    _, report = train_bundle(loaded, out, mixture=replace(DEFAULT_MIXTURE, num_experts=experts), seed=seed)
+    if json_output:
+        _print_json(report)
+        return
+    typer.echo(f"bundle {report['bundle']} (version {report['model_version']}) in {report['seconds']} s")
+    typer.echo(f"{'module':<10} {'layers':<18} {'params':>9} {'FLOPs/example':>14}")
+    for row in report["modules"]:
+        typer.echo(f"{row['module']:<10} {row['layers']:<18} {row['params']:>9} {row['flops']:>14}")
+    test = report["metrics"]["test"]
+    typer.echo(f"test accuracy: mixture {test['moe_accuracy']:.4f}, dense {test['dense_accuracy']:.4f}; "
+               f"experts per request {test['mean_experts_per_request']:.2f}; "
+               f"to dense {test['dense_fraction']:.1%}; compute ratio {test['compute_ratio']:.3f}")
+
+
+def _load_settings(config: Optional[Path], **overrides: Any):
+    from services.settings import SettingsError, load_settings
+
+    try:
+        return load_settings(config, **overrides)
+    except SettingsError as error:
+        _fail(str(error))
+
+
+@app.command()
+def serve(
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, envvar=_env("bundle"), help="Model bundle directory."),
+    config: Optional[Path] = typer.Option(None, envvar=_env("config"), help="Settings file (YAML or JSON)."),
+    host: Optional[str] = typer.Option(None, envvar=_env("host"), help="HTTP bind address [default: 127.0.0.1]."),
+    port: Optional[int] = typer.Option(None, envvar=_env("port"), help="HTTP port [default: 8000]."),
+    metrics_port: Optional[int] = typer.Option(None, envvar=_env("metrics_port"),
+                                               help="Prometheus export port of Ray [default: a free port]."),
+) -> None:
+    """Run the whole application locally until interrupted."""
+    from experts.bundle import BundleError
+    from services.runtime import LocalServe, ServeStartError
+
+    configure_logging()
+    log = get_logger("cli")
+    settings = _load_settings(config, bundle=bundle, host=host, port=port)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        with LocalServe(settings, metrics_port=metrics_port) as server:
+            server.write_runtime()
+            log.info("serving", http_url=server.http_url, metrics_url=server.metrics_url)
+            typer.echo(f"Switchyard is serving at {server.http_url} (metrics: {server.metrics_url}); "
+                       "press Ctrl+C to stop", err=True)
+            try:
+                stop.wait()
+            finally:
+                LocalServe.remove_runtime()
+                log.info("stopping")
+    except (BundleError, ServeStartError, ValueError) as error:
+        _fail(str(error))
+
+
+@app.command()
+def demo(
+    bundle: Path = typer.Option(DEFAULT_BUNDLE, envvar=_env("bundle"), help="Digits bundle; trained when missing."),
+    config: Optional[Path] = typer.Option(None, envvar=_env("config"), help="Settings file (YAML or JSON)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Train (if needed), serve, send every held-out digits example over HTTP, report."""
+    from experts.bundle import BundleError
+    from services.demo import run_demo
+    from services.runtime import ServeStartError
+
+    configure_logging()
+    log = get_logger("cli")
+    settings = _load_settings(config, bundle=bundle, port=0)
+    try:
+        with _stdout_to_stderr():
+            report = run_demo(settings, log=log)
+    except (BundleError, ServeStartError, ValueError) as error:
+        _fail(str(error))
+    if json_output:
+        _print_json(report)
+        return
+    _print_demo_report(report)
+
+
+def _print_demo_report(report: dict[str, Any]) -> None:
+    accuracy = report["accuracy"]
+    model = report["model"]
+    lines = [
+        f"Switchyard demo on {report['dataset']}: {report['requests']} requests over HTTP ({report['encoding']}), "
+        f"{report['failed']} failed",
+        f"  accuracy        mixture {accuracy['moe']:.4f}   dense {accuracy['dense']:.4f}",
+        f"  experts/request {report['mean_experts_per_request']:.2f}   histogram {report['experts_histogram']}",
+        f"  paths           {report['paths']}   reasons {report['reasons']}",
+        f"  compute ratio   {report['compute_ratio']:.3f} (mixture FLOPs incl. gate / dense FLOPs)",
+        f"  latency         p50 {report['latency_ms']['p50']:.1f} ms   p99 {report['latency_ms']['p99']:.1f} ms",
+        f"  model           {model['experts']} experts of {model['expert_params']} parameters, "
+        f"dense {model['dense_params']}, gate {model['gate_params']}",
+    ]
+    typer.echo("\n".join(lines))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The router deployment: HTTP ingress and mixture router in one replica (one hop fewer).
+
+Request path: HTTP body → `services.codec` (decode, validate) → `route` (request
+batching with `@serve.batch`) → `services.dispatch.MixtureDispatcher` (gate, policy,
+capacity, expert calls, dense fallback, combine) → `services.codec` (encode).
+
+Failure modes: client errors get a 4xx with SPEC's error object; when the dense model
+fails for rows that need it the request gets 503 with `Retry-After`; any other
+exception is logged with the request id and returned as 500 `internal_error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+
+from services.codec import (
+    JSON,
+    PredictRequest,
+    RequestError,
+    decode_predict_request,
+    encode_body,
+    error_payload,
+    media_type_for,
+    negotiate_response_media,
+    validate_predict_document,
+)
+from services.dispatch import DenseUnavailable, DispatchItem, RouteOutcome
+from services.loopback import bind_replica_grpc_to_loopback
+from services.openapi import DOCS_HTML, openapi_document
+
+__all__ = ["RouterIngress"]
+
+RETRY_AFTER_S = "1"
+
+
+class RouterIngress:
+    """Serves `/v1/predict`, `/healthz`, `/readyz`, `/docs` and routes every row."""
+
+    def __init__(self, bundle_path: str, settings: dict[str, Any], experts: list, dense) -> None:
+        bind_replica_grpc_to_loopback()
+        import torch
+
+        from experts.bundle import load_bundle
+        from monitoring.logging import get_logger
+        from router.gate import Gate, GateSpec
+        from router.policy import RoutingConfig
+        from services.dispatch import MixtureDispatcher
+        from services.settings import RouterSettings
+
+        torch.set_num_threads(1)
+        self.settings = RouterSettings.model_validate(settings)
+        self.log = get_logger("router")
+        bundle = load_bundle(bundle_path)
+        manifest = bundle.manifest
+        self.model_version = bundle.version
+        self.input_shape = tuple(manifest["dataset"]["input_shape"])
+        self.class_names = manifest["dataset"]["class_names"]
+
+        gate = Gate(GateSpec.from_dict(manifest["gate"]))
+        gate.load_state_dict(bundle.load_state_dict("gate"))
+        overrides = {name: getattr(self.settings, name) for name in ("top_p", "min_k", "max_k", "confidence_floor")
+                     if getattr(self.settings, name) is not None}
+        routing = RoutingConfig(**{**manifest["routing"], **overrides})
+
+        self.experts = experts
+        self.dense = dense
+        self.dispatcher = MixtureDispatcher(
+            gate=gate,
+            routing=routing,
+            num_classes=len(self.class_names),
+            expert_flops=[manifest["flops"][f"expert-{i}"] for i in range(len(experts))],
+            dense_flops=manifest["flops"]["dense"],
+            call_expert=lambda expert, rows: self.experts[expert].remote(rows),
+            call_dense=lambda rows: self.dense.remote(rows),
+            expert_capacity=self.settings.expert_capacity,
+            expert_timeout_s=self.settings.expert_timeout_s,
+            dense_timeout_s=self.settings.dense_timeout_s,
+        )
+        self.policy_version = 0
+        self.route.set_max_batch_size(self.settings.replica.max_batch_size)
+        self.route.set_batch_wait_timeout_s(self.settings.replica.batch_wait_timeout_s)
+        self._openapi = openapi_document(self.input_shape, self.settings.max_rows_per_request)
+        self.log.info("router_started", experts=len(experts), model_version=self.model_version,
+                      routing=routing.__dict__)
+
+    # --- routing -----------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def route(self, items: list[DispatchItem]) -> list[RouteOutcome]:
+        return await self.dispatcher.dispatch(items)
+
+    async def predict(self, request: PredictRequest) -> dict[str, Any]:
+        """Route one validated request; returns the response payload (SPEC's response body).
+
+        Raises:
+            DenseUnavailable: the dense model failed for rows that needed it.
+        """
+        started = time.perf_counter()
+        request_id = request.request_id or uuid.uuid4().hex
+        item = DispatchItem(inputs=request.inputs, request_id=request_id, force_dense=request.path == "dense")
+        outcome = await self.route(item)
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        if outcome.error is not None:
+            self.log.error("request_failed", request_id=request_id, error=str(outcome.error),
+                           latency_ms=round(latency_ms, 3))
+            raise outcome.error
+        route = {
+            "path": outcome.path,
+            "reason": outcome.reason,
+            "experts": outcome.experts,
+            "weights": outcome.weights,
+            "policy_version": self.policy_version,
+            "k": outcome.k,
+            "row_reasons": outcome.row_reasons,
+            "gate_scores": outcome.gate_scores,
+            "confidence": outcome.confidence,
+        }
+        self.log.info("request", request_id=request_id, path=route["path"], reason=route["reason"],
+                      experts=outcome.experts, weights=outcome.weights, k=outcome.k,
+                      policy_version=self.policy_version, rows=len(request.inputs),
+                      latency_ms=round(latency_ms, 3), flops=outcome.flops)
+        return {
+            "request_id": request_id,
+            "outputs": outcome.outputs,
+            "predictions": np.argmax(outcome.outputs, axis=1).tolist(),
+            "route": route,
+            "flops": outcome.flops,
+            "model_version": self.model_version,
+        }
+
+    async def predict_document(self, document: Any) -> dict[str, Any]:
+        """Handle-call entry for already-decoded request objects (the queue workers).
+
+        Raises:
+            RequestError: the document fails validation.
+            DenseUnavailable: as `predict`.
+        """
+        request = validate_predict_document(document, self.input_shape, self.settings.max_rows_per_request)
+        return await self.predict(request)
+
+    # --- HTTP ----------------------------------------------------------------------------
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/") or "/"
+        if path == "/v1/predict":
+            if request.method != "POST":
+                return _error_response(RequestError(405, "method_not_allowed", "use POST for /v1/predict"), JSON)
+            return await self._handle_predict(request)
+        if path == "/healthz":
+            return JSONResponse({"status": "ok"})
+        if path == "/readyz":
+            return await self._handle_readyz()
+        if path == "/docs":
+            return HTMLResponse(DOCS_HTML)
+        if path == "/openapi.json":
+            return JSONResponse(self._openapi)
+        return _error_response(RequestError(404, "not_found", f"no route for {request.url.path}; see /docs"), JSON)
+
+    async def _handle_predict(self, request: Request) -> Response:
+        response_media = JSON
+        try:
+            media = media_type_for(request.headers.get("content-type"))
+            response_media = negotiate_response_media(media, request.headers.get("accept"))
+            body = await _read_body(request, self.settings.max_body_bytes)
+            decoded = decode_predict_request(body, media, self.input_shape, self.settings.max_rows_per_request,
+                                             self.settings.max_body_bytes)
+            payload = await self.predict(decoded)
+        except RequestError as error:
+            return _error_response(error, response_media)
+        except DenseUnavailable as error:
+            return _error_response(RequestError(503, "unavailable", f"no model could answer: {error}"),
+                                   response_media, headers={"Retry-After": RETRY_AFTER_S})
+        except Exception as error:  # noqa: BLE001 - never let a bug drop the connection
+            self.log.exception("internal_error", error=repr(error))
+            return _error_response(RequestError(500, "internal_error", "internal error; see the router log"),
+                                   response_media)
+        return Response(encode_body(payload, response_media), media_type=response_media,
+                        headers={"X-Request-Id": payload["request_id"]})
+
+    async def readiness(self) -> dict[str, Any]:
+        """Ping every model deployment; ready when all answer within 2 seconds."""
+        names = [f"expert-{i}" for i in range(len(self.experts))] + ["dense"]
+        handles = [*self.experts, self.dense]
+
+        async def ping(handle) -> str:
+            try:
+                await asyncio.wait_for(_await(handle.ping.remote()), 2.0)
+                return "ok"
+            except asyncio.TimeoutError:
+                return "timeout"
+            except Exception as error:  # noqa: BLE001 - readiness reports, never raises
+                return f"error: {type(error).__name__}"
+
+        results = await asyncio.gather(*(ping(handle) for handle in handles))
+        deployments = dict(zip(names, results))
+        return {"ready": all(state == "ok" for state in results), "deployments": deployments}
+
+    async def _handle_readyz(self) -> Response:
+        report = await self.readiness()
+        status = 200 if report["ready"] else 503
+        headers = {} if report["ready"] else {"Retry-After": RETRY_AFTER_S}
+        return JSONResponse({"status": "ready" if report["ready"] else "not_ready", **report},
+                            status_code=status, headers=headers)
+
+
+async def _await(value):
+    return await value
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_bytes = int(declared)
+        except ValueError:
+            raise RequestError(400, "malformed_body", f"Content-Length {declared!r} is not a number",
+                               field="Content-Length") from None
+        if declared_bytes > limit:
+            raise RequestError(413, "body_too_large",
+                               f"body has {declared_bytes} bytes, the limit is {limit}; send fewer rows per request")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise RequestError(413, "body_too_large",
+                               f"body exceeds the limit of {limit} bytes; send fewer rows per request")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error_response(error: RequestError, media: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(encode_body(error_payload(error), media), status_code=error.status, media_type=media,
+                    headers=headers)

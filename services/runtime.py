@@ -1,0 +1,151 @@
+"""Local lifecycle: Ray on loopback, Serve's HTTP proxy, the application, `runtime.json`.
+
+`LocalServe` is what `switchyard serve`, `demo`, `bench` and the integration tests use.
+It starts a private Ray instance whose listeners stay on 127.0.0.1, deploys the
+application and waits for `/readyz`; leaving the context shuts Serve and Ray down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.loopback import loopback_environment
+from services.settings import Settings
+
+__all__ = ["LocalServe", "ServeStartError", "find_free_port", "read_runtime", "state_dir"]
+
+RUNTIME_FILE = "runtime.json"
+
+
+class ServeStartError(RuntimeError):
+    """The application did not become ready."""
+
+
+def state_dir() -> Path:
+    """Directory for runtime.json, bundles and the admin token (`SWITCHYARD_STATE_DIR`)."""
+    return Path(os.environ.get("SWITCHYARD_STATE_DIR", ".switchyard"))
+
+
+def read_runtime() -> dict[str, Any] | None:
+    """The running server's runtime.json, or None when no server wrote one."""
+    path = state_dir() / RUNTIME_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+class LocalServe:
+    """Runs the application on a private local Ray instance.
+
+    Args:
+        settings: validated settings; port 0 picks a free port.
+        metrics_port: Ray's Prometheus export port; None picks a free one.
+        num_cpus: CPUs Ray may hand out; None uses the machine's count.
+        ready_timeout_s: how long to wait for `/readyz` before giving up.
+        log_to_driver: stream replica logs to this process's stderr.
+    """
+
+    def __init__(self, settings: Settings, metrics_port: int | None = None, num_cpus: float | None = None,
+                 ready_timeout_s: float = 180.0, log_to_driver: bool = True) -> None:
+        if settings.port == 0:
+            settings = settings.model_copy(update={"port": find_free_port(settings.host)})
+        self.settings = settings
+        self.metrics_port = metrics_port or find_free_port()
+        self.num_cpus = num_cpus
+        self.ready_timeout_s = ready_timeout_s
+        self.log_to_driver = log_to_driver
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def __enter__(self) -> LocalServe:
+        # Must be set before Ray starts: the raylet and every worker inherit it.
+        os.environ.update(loopback_environment())
+        import ray
+        from ray import serve
+
+        from services.app import build_app
+
+        application = build_app(self.settings)  # verifies the bundle before Ray starts
+        ray.init(
+            num_cpus=self.num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _metrics_export_port=self.metrics_port,
+            log_to_driver=self.log_to_driver,
+            namespace="switchyard",
+        )
+        try:
+            serve.start(http_options={"host": self.settings.host, "port": self.settings.port},
+                        logging_config={"enable_access_log": False})
+            serve.run(application, name=self.settings.app_name, route_prefix="/", blocking=False)
+            self._wait_ready()
+        except BaseException:
+            self._shutdown()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._shutdown()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                response = httpx.get(f"{self.http_url}/readyz", timeout=5.0)
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.HTTPError as error:
+                last = repr(error)
+            time.sleep(0.5)
+        raise ServeStartError(f"application not ready after {self.ready_timeout_s:.0f} s; last /readyz: {last}")
+
+    def _shutdown(self) -> None:
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+
+    def write_runtime(self, extra: dict[str, Any] | None = None) -> Path:
+        """Write runtime.json (owner-only) so that other commands find this server."""
+        directory = state_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / RUNTIME_FILE
+        data = {"http_url": self.http_url, "metrics_url": self.metrics_url, "pid": os.getpid(), **(extra or {})}
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(data, indent=2) + "\n")
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+        return path
+
+    @staticmethod
+    def remove_runtime() -> None:
+        try:
+            (state_dir() / RUNTIME_FILE).unlink()
+        except FileNotFoundError:
+            pass
