@@ -183,6 +183,9 @@ def _print_demo_report(report: dict[str, Any]) -> None:
     typer.echo("\n".join(lines))
 
 
+# Command groups defined in their own modules register here.
+
+
 def main() -> None:
     app()
 
