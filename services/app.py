@@ -60,7 +60,7 @@ def build_app(settings: Settings) -> Application:
     router = serve.deployment(RouterIngress).options(
         name=ROUTER_DEPLOYMENT, logging_config=_LOGGING, **settings.router.replica.deployment_options()
     )
-    return router.bind(bundle_path, settings.router.model_dump(mode="json"), experts, dense)
+    return router.bind(bundle_path, settings.model_dump(mode="json"), experts, dense)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

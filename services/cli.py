@@ -111,6 +111,8 @@ def _load_settings(config: Optional[Path], **overrides: Any):
 def serve(
     bundle: Path = typer.Option(DEFAULT_BUNDLE, envvar=_env("bundle"), help="Model bundle directory."),
     config: Optional[Path] = typer.Option(None, envvar=_env("config"), help="Settings file (YAML or JSON)."),
+    redis_url: Optional[str] = typer.Option(None, envvar=_env("redis_url"),
+                                            help="Redis URL; an embedded redis-server starts when unset."),
     host: Optional[str] = typer.Option(None, envvar=_env("host"), help="HTTP bind address [default: 127.0.0.1]."),
     port: Optional[int] = typer.Option(None, envvar=_env("port"), help="HTTP port [default: 8000]."),
     metrics_port: Optional[int] = typer.Option(None, envvar=_env("metrics_port"),
@@ -122,7 +124,7 @@ def serve(
 
     configure_logging()
     log = get_logger("cli")
-    settings = _load_settings(config, bundle=bundle, host=host, port=port)
+    settings = _load_settings(config, redis_url=redis_url, bundle=bundle, host=host, port=port)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

@@ -30,7 +30,9 @@ class RedisSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    url: str = Field("redis://127.0.0.1:6379/0", description="redis://, rediss:// or unix:// URL.")
+    url: str | None = Field(
+        None, description="redis://, rediss:// or unix:// URL; unset means an embedded server (local runs only)."
+    )
     key_prefix: str = Field("switchyard:", min_length=1, description="Prefix of every key and stream.")
     socket_timeout_s: float = Field(5.0, gt=0, description="Seconds a command may take before it fails.")
     connect_timeout_s: float = Field(2.0, gt=0, description="Seconds to establish a connection.")
@@ -45,12 +47,18 @@ class RedisSettings(BaseModel):
                 f"({self.socket_timeout_s} s), or every blocking read times out the connection; "
                 "raise socket_timeout_s or lower block_ms"
             )
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+        if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"url must start with redis://, rediss:// or unix://, got {self.url!r}")
         return self
 
     def key(self, *parts: str) -> str:
         return self.key_prefix + ":".join(parts)
+
+
+def _require_url(settings: RedisSettings) -> str:
+    if settings.url is None:
+        raise ValueError("redis.url is not set; pass --redis-url or start the embedded server first")
+    return settings.url
 
 
 def create_async_client(settings: RedisSettings):
@@ -62,7 +70,7 @@ def create_async_client(settings: RedisSettings):
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     return redis_asyncio.Redis.from_url(
-        settings.url,
+        _require_url(settings),
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.connect_timeout_s,
         health_check_interval=settings.health_check_interval_s,
@@ -77,7 +85,7 @@ def create_sync_client(settings: RedisSettings):
     import redis
 
     return redis.Redis.from_url(
-        settings.url,
+        _require_url(settings),
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.connect_timeout_s,
         decode_responses=False,

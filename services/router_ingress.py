@@ -53,10 +53,13 @@ class RouterIngress:
         from router.gate import Gate, GateSpec
         from router.policy import RoutingConfig
         from services.dispatch import MixtureDispatcher
-        from services.settings import RouterSettings
+        from services.redis_setup import create_async_client
+        from services.settings import Settings
 
         torch.set_num_threads(1)
-        self.settings = RouterSettings.model_validate(settings)
+        full_settings = Settings.model_validate(settings)
+        self.settings = full_settings.router
+        self.redis = create_async_client(full_settings.redis) if full_settings.redis.url else None
         self.log = get_logger("router")
         bundle = load_bundle(bundle_path)
         manifest = bundle.manifest
@@ -186,7 +189,7 @@ class RouterIngress:
                         headers={"X-Request-Id": payload["request_id"]})
 
     async def readiness(self) -> dict[str, Any]:
-        """Ping every model deployment; ready when all answer within 2 seconds."""
+        """Ping every model deployment and Redis; ready when all answer within 2 seconds."""
         names = [f"expert-{i}" for i in range(len(self.experts))] + ["dense"]
         handles = [*self.experts, self.dense]
 
@@ -199,9 +202,21 @@ class RouterIngress:
             except Exception as error:  # noqa: BLE001 - readiness reports, never raises
                 return f"error: {type(error).__name__}"
 
-        results = await asyncio.gather(*(ping(handle) for handle in handles))
-        deployments = dict(zip(names, results))
-        return {"ready": all(state == "ok" for state in results), "deployments": deployments}
+        results = await asyncio.gather(*(ping(handle) for handle in handles), self._ping_redis())
+        deployments = dict(zip(names, results[:-1]))
+        redis_state = results[-1]
+        return {"ready": all(state == "ok" for state in results), "deployments": deployments, "redis": redis_state}
+
+    async def _ping_redis(self) -> str:
+        if self.redis is None:
+            return "not configured"
+        try:
+            await asyncio.wait_for(self.redis.ping(), 2.0)
+            return "ok"
+        except asyncio.TimeoutError:
+            return "timeout"
+        except Exception as error:  # noqa: BLE001 - readiness reports, never raises
+            return f"error: {type(error).__name__}"
 
     async def _handle_readyz(self) -> Response:
         report = await self.readiness()

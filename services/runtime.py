@@ -64,6 +64,7 @@ class LocalServe:
         if settings.port == 0:
             settings = settings.model_copy(update={"port": find_free_port(settings.host)})
         self.settings = settings
+        self.embedded_redis = None
         self.metrics_port = metrics_port or find_free_port()
         self.num_cpus = num_cpus
         self.ready_timeout_s = ready_timeout_s
@@ -72,6 +73,10 @@ class LocalServe:
     @property
     def http_url(self) -> str:
         return f"http://{self.settings.host}:{self.settings.port}"
+
+    @property
+    def redis_url(self) -> str | None:
+        return self.settings.redis.url
 
     @property
     def metrics_url(self) -> str:
@@ -84,8 +89,14 @@ class LocalServe:
         from ray import serve
 
         from services.app import build_app
+        from services.redis_setup import EmbeddedRedis
 
         application = build_app(self.settings)  # verifies the bundle before Ray starts
+        if self.settings.redis.url is None:
+            self.embedded_redis = EmbeddedRedis().start()
+            redis = self.settings.redis.model_copy(update={"url": self.embedded_redis.url})
+            self.settings = self.settings.model_copy(update={"redis": redis})
+            application = build_app(self.settings)
         ray.init(
             num_cpus=self.num_cpus,
             include_dashboard=False,
@@ -125,18 +136,24 @@ class LocalServe:
         import ray
         from ray import serve
 
-        if ray.is_initialized():
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+        try:
+            if ray.is_initialized():
+                try:
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()
+        finally:
+            if self.embedded_redis is not None:
+                self.embedded_redis.stop()
+                self.embedded_redis = None
 
     def write_runtime(self, extra: dict[str, Any] | None = None) -> Path:
         """Write runtime.json (owner-only) so that other commands find this server."""
         directory = state_dir()
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / RUNTIME_FILE
-        data = {"http_url": self.http_url, "metrics_url": self.metrics_url, "pid": os.getpid(), **(extra or {})}
+        data = {"http_url": self.http_url, "metrics_url": self.metrics_url, "redis_url": self.redis_url,
+                "pid": os.getpid(), **(extra or {})}
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(data, indent=2) + "\n")
         os.chmod(temporary, 0o600)

@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from services.redis_setup import RedisSettings
+
 __all__ = [
     "AutoscalingSettings",
     "ReplicaSettings",
@@ -149,6 +151,10 @@ class Settings(_Strict):
         default_factory=dict, description="Per-expert changes to `experts`, keyed by expert id."
     )
     dense: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.2))
+    redis: RedisSettings = Field(
+        default_factory=RedisSettings,
+        description="Redis connection; `url` unset makes `switchyard serve` start an embedded server.",
+    )
 
     @field_validator("expert_overrides")
     @classmethod
@@ -184,11 +190,11 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+def load_settings(path: str | Path | None = None, redis_url: str | None = None, **overrides: Any) -> Settings:
     """Read settings from a YAML or JSON file (optional), then apply keyword overrides.
 
     Overrides with the value None are ignored, so CLI options that were not given keep
-    the file's values.
+    the file's values. `redis_url` sets `redis.url`.
 
     Raises:
         SettingsError: the file cannot be read, or any field is invalid; every problem
@@ -209,6 +215,8 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             raise SettingsError(f"config file {path} must hold a mapping at the top level, got {type(loaded).__name__}")
         data = loaded or {}
     data.update({key: value for key, value in overrides.items() if value is not None})
+    if redis_url is not None:
+        data["redis"] = {**(data.get("redis") or {}), "url": redis_url}
     try:
         return Settings.model_validate(data)
     except ValidationError as error:
