@@ -30,16 +30,21 @@ def expert_deployment_name(expert_id: int) -> str:
     return f"expert-{expert_id}"
 
 
-def _model_deployment(name: str, bundle_path: str, replica: ReplicaSettings):
+def _model_deployment(name: str, bundle_path: str, replica: ReplicaSettings, fault: dict[str, Any] | None = None):
+    user_config = {"fault": fault} if fault else {}
     deployment = serve.deployment(ModelReplica).options(
-        name=name, logging_config=_LOGGING, user_config={}, **replica.deployment_options()
+        name=name, logging_config=_LOGGING, user_config=user_config, **replica.deployment_options()
     )
     return deployment.bind(bundle_path, name, replica.max_batch_size, replica.batch_wait_timeout_s,
                            replica.torch_threads)
 
 
-def build_app(settings: Settings) -> Application:
+def build_app(settings: Settings, faults: dict[str, dict[str, Any]] | None = None) -> Application:
     """Bind every deployment of the application from validated settings.
+
+    `faults` maps model deployment names (`expert-<i>`, `dense`) to a fault mapping
+    (see `services.faults`) delivered through that deployment's `user_config`;
+    redeploying with only these changed reconfigures replicas in place.
 
     Raises:
         BundleError: the bundle is missing or fails verification (checked here, before
@@ -52,11 +57,13 @@ def build_app(settings: Settings) -> Application:
     if unknown:
         raise ValueError(f"expert_overrides names experts {unknown}, but the bundle has experts 0..{num_experts - 1}")
 
+    faults = faults or {}
     experts = [
-        _model_deployment(expert_deployment_name(i), bundle_path, settings.expert_settings(i))
+        _model_deployment(expert_deployment_name(i), bundle_path, settings.expert_settings(i),
+                          faults.get(expert_deployment_name(i)))
         for i in range(num_experts)
     ]
-    dense = _model_deployment(DENSE_DEPLOYMENT, bundle_path, settings.dense)
+    dense = _model_deployment(DENSE_DEPLOYMENT, bundle_path, settings.dense, faults.get(DENSE_DEPLOYMENT))
     router = serve.deployment(RouterIngress).options(
         name=ROUTER_DEPLOYMENT, logging_config=_LOGGING, **settings.router.replica.deployment_options()
     )
