@@ -7,6 +7,8 @@ taking the same settings as a mapping.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from ray import serve
@@ -30,10 +32,25 @@ def expert_deployment_name(expert_id: int) -> str:
     return f"expert-{expert_id}"
 
 
-def _model_deployment(name: str, bundle_path: str, replica: ReplicaSettings, fault: dict[str, Any] | None = None):
+def _code_version(*parts: Any) -> str:
+    """A deployment version that stays the same while its code inputs do.
+
+    Serve gives each `serve.run` a random version by default, which restarts every
+    replica on a redeploy; with a stable version a redeploy that changes only
+    `user_config` reconfigures the running replicas in place (Ray 2.60
+    `DeploymentVersion.requires_actor_restart`).
+    """
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _model_deployment(name: str, bundle_path: str, replica: ReplicaSettings, fault: dict[str, Any] | None = None,
+                      model_version: str = ""):
     user_config = {"fault": fault} if fault else {}
+    version = _code_version(model_version, name, bundle_path, replica.model_dump(mode="json"))
     deployment = serve.deployment(ModelReplica).options(
-        name=name, logging_config=_LOGGING, user_config=user_config, **replica.deployment_options()
+        name=name, logging_config=_LOGGING, user_config=user_config, version=version, _internal=True,
+        **replica.deployment_options()
     )
     return deployment.bind(bundle_path, name, replica.max_batch_size, replica.batch_wait_timeout_s,
                            replica.torch_threads)
@@ -60,12 +77,15 @@ def build_app(settings: Settings, faults: dict[str, dict[str, Any]] | None = Non
     faults = faults or {}
     experts = [
         _model_deployment(expert_deployment_name(i), bundle_path, settings.expert_settings(i),
-                          faults.get(expert_deployment_name(i)))
+                          faults.get(expert_deployment_name(i)), bundle.version)
         for i in range(num_experts)
     ]
-    dense = _model_deployment(DENSE_DEPLOYMENT, bundle_path, settings.dense, faults.get(DENSE_DEPLOYMENT))
+    dense = _model_deployment(DENSE_DEPLOYMENT, bundle_path, settings.dense, faults.get(DENSE_DEPLOYMENT),
+                              bundle.version)
+    router_version = _code_version(bundle.version, ROUTER_DEPLOYMENT, settings.model_dump(mode="json"))
     router = serve.deployment(RouterIngress).options(
-        name=ROUTER_DEPLOYMENT, logging_config=_LOGGING, **settings.router.replica.deployment_options()
+        name=ROUTER_DEPLOYMENT, logging_config=_LOGGING, version=router_version, _internal=True,
+        **settings.router.replica.deployment_options()
     )
     return router.bind(bundle_path, settings.model_dump(mode="json"), experts, dense)
 
