@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "EXPORT_PREFIX",
     "LATENCY_BUCKETS_S",
     "METRIC_NAMES",
+    "METRIC_TYPES",
     "ModelMetrics",
     "QueueMetrics",
     "RouterMetrics",
@@ -22,6 +24,7 @@ __all__ = [
     "queue_metrics",
     "router_metrics",
     "supervisor_metrics",
+    "exported_series_names",
 ]
 
 LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -50,6 +53,51 @@ METRIC_NAMES = (
     "switchyard_model_batch_size",
     "switchyard_model_inference_seconds",
 )
+
+# Prometheus type of each name in METRIC_NAMES.
+METRIC_TYPES = {
+    "switchyard_requests_total": "counter",
+    "switchyard_expert_calls_total": "counter",
+    "switchyard_expert_rows_total": "counter",
+    "switchyard_experts_per_request": "histogram",
+    "switchyard_gate_confidence": "histogram",
+    "switchyard_fallbacks_total": "counter",
+    "switchyard_request_duration_seconds": "histogram",
+    "switchyard_expert_call_duration_seconds": "histogram",
+    "switchyard_expert_errors_total": "counter",
+    "switchyard_shadow_agreement_ratio": "gauge",
+    "switchyard_shadow_comparisons_total": "counter",
+    "switchyard_supervisor_moe_weight_ratio": "gauge",
+    "switchyard_supervisor_state": "gauge",
+    "switchyard_supervisor_transitions_total": "counter",
+    "switchyard_queue_messages_total": "counter",
+    "switchyard_queue_backlog_messages": "gauge",
+    "switchyard_queue_dead_letters_total": "counter",
+    "switchyard_model_batch_size": "histogram",
+    "switchyard_model_inference_seconds": "histogram",
+}
+
+# Ray's exporter prepends this to every application metric (checked with Ray 2.60).
+EXPORT_PREFIX = "ray_"
+
+
+def exported_series_names(name: str) -> tuple[str, ...]:
+    """Return the series names Prometheus scrapes from Ray for one declared metric.
+
+    Ray 2.60 exports a counter under its declared name when that already ends in
+    `_total` (and appends `_total` otherwise), a gauge under its name, and a histogram
+    as `_bucket`, `_sum` and `_count` series, all with `EXPORT_PREFIX`.
+
+    Raises:
+        KeyError: `name` is not in METRIC_TYPES.
+    """
+    kind = METRIC_TYPES[name]
+    exported = EXPORT_PREFIX + name
+    if kind == "histogram":
+        return (f"{exported}_bucket", f"{exported}_sum", f"{exported}_count")
+    if kind == "counter" and not name.endswith("_total"):
+        return (f"{exported}_total",)
+    return (exported,)
 
 
 @dataclass(frozen=True)

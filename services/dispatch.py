@@ -16,6 +16,10 @@
    fail (`DenseUnavailable`), and then only the requests that had dense rows.
 7. Expert probabilities are combined by the renormalised gate weights.
 
+An optional `observer` gets one `ExpertCallRecord` per expert call (for metrics and
+logs), and with `forward_request_ids` every expert and dense call also receives the
+ids of the requests whose rows it carries, so that model replicas can log them.
+
 Not thread-safe: one replica's event loop owns a dispatcher (capacity counts are local).
 """
 
@@ -37,6 +41,7 @@ from router.policy import RoutingConfig, renormalize, select_experts
 __all__ = [
     "DenseUnavailable",
     "DispatchItem",
+    "ExpertCallRecord",
     "MixtureDispatcher",
     "RouteOutcome",
     "REASON_CODES",
@@ -89,8 +94,23 @@ class RouteOutcome:
         return "top_p"
 
 
-ExpertCall = Callable[[int, np.ndarray], Any]  # returns an awaitable of np.ndarray [n, C]
-DenseCall = Callable[[np.ndarray], Any]
+@dataclass(frozen=True)
+class ExpertCallRecord:
+    """One finished router-to-expert call, as passed to the dispatcher's observer."""
+
+    expert: int
+    rows: int
+    duration_s: float
+    status: str  # "ok", "timeout" or "error"
+    error: Exception | None
+    request_ids: list[str]  # requests with rows in this call, in batch order
+
+
+# Both return an awaitable of np.ndarray [n, C]. With `forward_request_ids` they get
+# the request ids as one more positional argument: (expert, rows, ids) and (rows, ids).
+ExpertCall = Callable[..., Any]
+DenseCall = Callable[..., Any]
+ExpertCallObserver = Callable[[ExpertCallRecord], None]
 
 
 class MixtureDispatcher:
@@ -109,6 +129,8 @@ class MixtureDispatcher:
         expert_timeout_s: float,
         dense_timeout_s: float,
         clock: Callable[[], float] = time.perf_counter,
+        observer: ExpertCallObserver | None = None,
+        forward_request_ids: bool = False,
     ) -> None:
         self.gate = gate.eval()
         self.routing = routing
@@ -123,6 +145,8 @@ class MixtureDispatcher:
         self.expert_timeout_s = expert_timeout_s
         self.dense_timeout_s = dense_timeout_s
         self.clock = clock
+        self.observer = observer
+        self.forward_request_ids = forward_request_ids
         self.last_expert_latency_s: dict[int, float] = {}
 
     async def dispatch(self, items: Sequence[DispatchItem]) -> list[RouteOutcome]:
@@ -156,14 +180,17 @@ class MixtureDispatcher:
 
         # 4-5. One concurrent call per expert with rows.
         outputs = np.zeros((num_rows, self.num_classes), dtype=np.float32)
-        await self._call_experts(x, mask, weights, reasons, outputs)
+        await self._call_experts(items, owner, x, mask, weights, reasons, outputs)
 
         # 6. Dense for every row without an expert answer.
         dense_rows = np.flatnonzero(reasons != _TOP_P)
         dense_error: Exception | None = None
         if len(dense_rows):
             try:
-                dense_probs = await asyncio.wait_for(_awaitable(self.call_dense(x[dense_rows])), self.dense_timeout_s)
+                dense_args = (x[dense_rows],)
+                if self.forward_request_ids:
+                    dense_args += (_request_ids(items, owner[dense_rows]),)
+                dense_probs = await asyncio.wait_for(_awaitable(self.call_dense(*dense_args)), self.dense_timeout_s)
                 outputs[dense_rows] = dense_probs
             except Exception as error:  # noqa: BLE001 - reported per request below
                 dense_error = error
@@ -185,7 +212,7 @@ class MixtureDispatcher:
         reasons[gated[selection.low_confidence.numpy()]] = _LOW_CONFIDENCE
         reasons[gated[assignment.overflow]] = _CAPACITY
 
-    async def _call_experts(self, x, mask, weights, reasons, outputs) -> None:
+    async def _call_experts(self, items, owner, x, mask, weights, reasons, outputs) -> None:
         """Call every expert with rows once; add weighted answers to `outputs` in place."""
         rows_per_expert = mask.sum(axis=0)
         active = np.flatnonzero(rows_per_expert)
@@ -195,8 +222,10 @@ class MixtureDispatcher:
         self.capacity.acquire(rows_per_expert)
         try:
             row_sets = [np.flatnonzero(mask[:, expert]) for expert in active]
+            request_ids = [_request_ids(items, owner[rows]) for rows in row_sets]
             results = await asyncio.gather(
-                *(self._timed_expert_call(int(expert), x[rows]) for expert, rows in zip(active, row_sets))
+                *(self._timed_expert_call(int(expert), x[rows], ids)
+                  for expert, rows, ids in zip(active, row_sets, request_ids))
             )
         finally:
             self.capacity.release(rows_per_expert)
@@ -208,17 +237,22 @@ class MixtureDispatcher:
                 continue
             outputs[rows] += weights[rows, expert, None] * value
 
-    async def _timed_expert_call(self, expert: int, rows_x: np.ndarray) -> tuple[str, Any]:
+    async def _timed_expert_call(self, expert: int, rows_x: np.ndarray, request_ids: list[str]) -> tuple[str, Any]:
+        args = (expert, rows_x, request_ids) if self.forward_request_ids else (expert, rows_x)
         started = self.clock()
+        status, value = "ok", None
         try:
-            value = await asyncio.wait_for(_awaitable(self.call_expert(expert, rows_x)), self.expert_timeout_s)
+            value = await asyncio.wait_for(_awaitable(self.call_expert(*args)), self.expert_timeout_s)
         except asyncio.TimeoutError:
-            return "timeout", None
+            status = "timeout"
         except Exception as error:  # noqa: BLE001 - any expert failure falls back to dense
-            return "error", error
-        finally:
-            self.last_expert_latency_s[expert] = self.clock() - started
-        return "ok", value
+            status, value = "error", error
+        duration_s = self.clock() - started
+        self.last_expert_latency_s[expert] = duration_s
+        if self.observer is not None:
+            self.observer(ExpertCallRecord(expert=expert, rows=len(rows_x), duration_s=duration_s, status=status,
+                                           error=value if status == "error" else None, request_ids=request_ids))
+        return status, value
 
     def _split(self, items, sizes, owner, outputs, mask, weights, scores, k, confidence, reasons,
                dense_error) -> list[RouteOutcome]:
@@ -250,6 +284,11 @@ class MixtureDispatcher:
                 flops=flops,
             ))
         return results
+
+
+def _request_ids(items: Sequence[DispatchItem], owners: np.ndarray) -> list[str]:
+    """Ids of the requests that own `owners` (request index per row), once each, in batch order."""
+    return [items[index].request_id for index in np.unique(owners)]
 
 
 async def _awaitable(value):
