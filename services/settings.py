@@ -18,9 +18,11 @@ from services.redis_setup import RedisSettings
 __all__ = [
     "AutoscalingSettings",
     "ReplicaSettings",
+    "QueueSettings",
     "RouterSettings",
     "Settings",
     "SettingsError",
+    "SupervisorSettings",
     "load_settings",
 ]
 
@@ -135,6 +137,80 @@ class RouterSettings(_Strict):
     )
 
 
+class SupervisorSettings(_Strict):
+    """The quality loop: evaluation windows, thresholds, rollback and the staged ramp-back."""
+
+    interval_s: float = Field(5.0, gt=0, description="Seconds between window evaluations.")
+    failed_windows: int = Field(2, ge=1, description="Consecutive failed windows in `moe` before all traffic goes to dense.")
+    cooldown_s: float = Field(30.0, ge=0, description="Seconds in `dense` before the ramp-back starts.")
+    step_weight: float = Field(0.25, gt=0, le=1, description="Share of traffic added to the mixture per canary step (0..1).")
+    max_weight: float = Field(0.75, gt=0, le=1, description="Largest canary share; a passed step at this share promotes to `moe`.")
+    step_windows: int = Field(1, ge=1, description="Passed windows needed before the next canary step.")
+    min_agreement: float = Field(0.9, ge=0, le=1, description="Lowest shadow agreement of mixture and dense predictions (0..1).")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="Highest share of expert rows that failed or timed out (0..1).")
+    max_p99_latency_s: float = Field(1.0, gt=0, description="Highest p99 router latency per request, in seconds.")
+    min_accuracy: float | None = Field(
+        None, ge=0, le=1, description="Lowest online accuracy from `/v1/feedback` labels; unset reports without checking."
+    )
+    min_samples: int = Field(20, ge=1, description="Fewest samples a metric needs; below it the window is inconclusive.")
+    shadow_fraction: float = Field(
+        0.2, ge=0, le=1, description="Share of mixture-answered requests also sent to dense off the response path."
+    )
+    max_shadow_in_flight: int = Field(32, ge=1, description="Shadow calls in flight per router replica; more are skipped.")
+    flush_interval_s: float = Field(0.5, gt=0, description="Seconds between quality-record flushes of each router replica.")
+    poll_interval_s: float = Field(2.0, gt=0, description="Seconds between policy re-reads of each router replica.")
+    prediction_ttl_s: int = Field(3600, ge=1, description="Seconds a prediction is kept for `/v1/feedback`.")
+    max_events: int = Field(10_000, ge=10, description="Events kept in the events stream (approximate cap).")
+
+    @model_validator(mode="after")
+    def _check_ramp(self) -> SupervisorSettings:
+        if self.step_weight > self.max_weight:
+            raise ValueError(
+                f"step_weight ({self.step_weight}) must be <= max_weight ({self.max_weight}), "
+                "or the ramp-back has no canary step"
+            )
+        if self.flush_interval_s >= self.interval_s:
+            raise ValueError(
+                f"flush_interval_s ({self.flush_interval_s} s) must be shorter than interval_s "
+                f"({self.interval_s} s), or windows miss the records of the last flush"
+            )
+        return self
+
+
+class QueueSettings(_Strict):
+    """The Redis Streams queue path: bounds, batching, redelivery and the worker deployment."""
+
+    enabled: bool = Field(True, description="Deploy the `queue-worker` deployment.")
+    max_length: int = Field(
+        10_000, ge=1, description="Most entries (undelivered plus pending) in the requests stream; producers wait above it."
+    )
+    batch_size: int = Field(32, ge=1, description="Entries read per XREADGROUP (COUNT) and claimed per XAUTOCLAIM page.")
+    max_deliveries: int = Field(5, ge=1, description="Deliveries after which an unanswered entry goes to the dead stream.")
+    claim_idle_ms: int = Field(
+        30_000, ge=1, description="Milliseconds an entry stays pending unacknowledged before another consumer claims it."
+    )
+    reclaim_interval_s: float = Field(5.0, gt=0, description="Seconds between reclaim passes of each worker.")
+    route_timeout_s: float = Field(10.0, gt=0, description="Seconds a worker waits for the router per entry.")
+    results_max_length: int = Field(
+        100_000, ge=1, description="Approximate cap of the results stream (XADD MAXLEN ~); older answers are trimmed."
+    )
+    dead_max_length: int = Field(100_000, ge=1, description="Approximate cap of the dead stream (XADD MAXLEN ~).")
+    num_replicas: int = Field(1, ge=1, description="Worker replicas; each runs one consumer.")
+    num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per worker replica (Ray resource).")
+    graceful_shutdown_timeout_s: float = Field(
+        5.0, ge=0, description="Seconds a stopping worker has to finish its current batch."
+    )
+
+    @model_validator(mode="after")
+    def _check_claim_after_timeout(self) -> QueueSettings:
+        if self.claim_idle_ms <= self.route_timeout_s * 1000:
+            raise ValueError(
+                f"claim_idle_ms ({self.claim_idle_ms} ms) must be longer than route_timeout_s "
+                f"({self.route_timeout_s} s), or entries still being routed are claimed and routed twice"
+            )
+        return self
+
+
 class Settings(_Strict):
     """Everything `switchyard serve` deploys."""
 
@@ -154,6 +230,12 @@ class Settings(_Strict):
     redis: RedisSettings = Field(
         default_factory=RedisSettings,
         description="Redis connection; `url` unset makes `switchyard serve` start an embedded server.",
+    )
+    queue: QueueSettings = Field(
+        default_factory=QueueSettings, description="Redis Streams intake: bounds, redelivery and workers."
+    )
+    supervisor: SupervisorSettings = Field(
+        default_factory=SupervisorSettings, description="Quality windows, thresholds, rollback and ramp-back."
     )
 
     @field_validator("expert_overrides")
