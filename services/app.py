@@ -16,13 +16,22 @@ from ray.serve import Application
 
 from experts.bundle import load_bundle
 from services.model_replica import ModelReplica
+from services.queue_worker import QueueWorker
 from services.router_ingress import RouterIngress
 from services.settings import ReplicaSettings, Settings
 
-__all__ = ["ROUTER_DEPLOYMENT", "DENSE_DEPLOYMENT", "app_builder", "build_app", "expert_deployment_name"]
+__all__ = [
+    "DENSE_DEPLOYMENT",
+    "QUEUE_WORKER_DEPLOYMENT",
+    "ROUTER_DEPLOYMENT",
+    "app_builder",
+    "build_app",
+    "expert_deployment_name",
+]
 
 ROUTER_DEPLOYMENT = "router"
 DENSE_DEPLOYMENT = "dense"
+QUEUE_WORKER_DEPLOYMENT = "queue-worker"
 # Serve's per-request access log line costs CPU on the hot path; the router writes
 # one canonical line per request instead.
 _LOGGING = {"enable_access_log": False}
@@ -87,7 +96,23 @@ def build_app(settings: Settings, faults: dict[str, dict[str, Any]] | None = Non
         name=ROUTER_DEPLOYMENT, logging_config=_LOGGING, version=router_version, _internal=True,
         **settings.router.replica.deployment_options()
     )
-    return router.bind(bundle_path, settings.model_dump(mode="json"), experts, dense)
+    return router.bind(bundle_path, settings.model_dump(mode="json"), experts, dense,
+                       queue_worker=_queue_worker_deployment(settings))
+
+
+def _queue_worker_deployment(settings: Settings):
+    """The `queue-worker` deployment bound to the settings, or None when the queue is disabled."""
+    if not settings.queue.enabled:
+        return None
+    queue = settings.queue
+    settings_json = settings.model_dump(mode="json")
+    deployment = serve.deployment(QueueWorker).options(
+        name=QUEUE_WORKER_DEPLOYMENT, logging_config=_LOGGING, num_replicas=queue.num_replicas,
+        ray_actor_options={"num_cpus": queue.num_cpus},
+        graceful_shutdown_timeout_s=queue.graceful_shutdown_timeout_s,
+        version=_code_version(QUEUE_WORKER_DEPLOYMENT, settings_json), _internal=True,
+    )
+    return deployment.bind(settings_json, ROUTER_DEPLOYMENT)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

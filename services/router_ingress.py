@@ -44,7 +44,8 @@ RETRY_AFTER_S = "1"
 class RouterIngress:
     """Serves `/v1/predict`, `/healthz`, `/readyz`, `/docs` and routes every row."""
 
-    def __init__(self, bundle_path: str, settings: dict[str, Any], experts: list, dense) -> None:
+    def __init__(self, bundle_path: str, settings: dict[str, Any], experts: list, dense,
+                 queue_worker=None) -> None:
         bind_replica_grpc_to_loopback()
         import torch
 
@@ -75,6 +76,8 @@ class RouterIngress:
 
         self.experts = experts
         self.dense = dense
+        # Bound here so that the worker deploys with the application and /readyz covers it.
+        self.queue_worker = queue_worker
         self.dispatcher = MixtureDispatcher(
             gate=gate,
             routing=routing,
@@ -192,6 +195,9 @@ class RouterIngress:
         """Ping every model deployment and Redis; ready when all answer within 2 seconds."""
         names = [f"expert-{i}" for i in range(len(self.experts))] + ["dense"]
         handles = [*self.experts, self.dense]
+        if self.queue_worker is not None:
+            names.append("queue-worker")
+            handles.append(self.queue_worker)
 
         async def ping(handle) -> str:
             try:
