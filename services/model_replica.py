@@ -5,6 +5,10 @@ Ray gave it a GPU and on the CPU otherwise, and merges concurrent calls into one
 forward pass with `@serve.batch`. Inputs and outputs are numpy arrays, which Ray
 serialises without copying; outputs are class probabilities (float32, [N, C]).
 
+Every call carries the ids of the requests whose rows it holds. Each forward pass
+records its rows and duration in the `switchyard_model_*` histograms and logs one
+debug line `forward_pass` with those ids; failed passes log a rate-limited warning.
+
 Game-day faults arrive through `user_config` (see `services.faults`), so an operator
 can make one expert fail, slow down or return noisy answers without a redeploy.
 """
@@ -35,12 +39,15 @@ class ModelReplica:
 
         from experts.bundle import load_bundle
         from experts.models import MLP, MLPSpec
-        from monitoring.logging import get_logger
+        from monitoring.logging import RateLimitedWarning, get_logger
+        from monitoring.metrics import model_metrics
 
         torch.set_num_threads(torch_threads)
         self._torch = torch
         self.module = module
         self.log = get_logger("model_replica", deployment=module)
+        self.metrics = model_metrics(module)
+        self._failure_warning = RateLimitedWarning(interval_s=30.0)
         bundle = load_bundle(bundle_path)
         manifest = bundle.manifest
         if module == "dense":
@@ -72,7 +79,16 @@ class ModelReplica:
         return None
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def __call__(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+    async def __call__(self, batches: list[np.ndarray], request_ids: list[list[str]]) -> list[np.ndarray]:
+        """Answer each call's rows; `request_ids` holds, per call, the ids of its requests (for logs only)."""
+        try:
+            return await self._forward(batches, request_ids)
+        except Exception as error:
+            ids = [request_id for call_ids in request_ids for request_id in call_ids]
+            self._failure_warning.warn(self.log, "forward_failed", error=repr(error), request_ids=ids)
+            raise
+
+    async def _forward(self, batches: list[np.ndarray], request_ids: list[list[str]]) -> list[np.ndarray]:
         fault = self._active_fault()
         if fault is not None and fault.kind == "error":
             raise RuntimeError(f"injected fault on {self.module}: error")
@@ -81,7 +97,13 @@ class ModelReplica:
 
         sizes = [len(batch) for batch in batches]
         x = np.concatenate(batches) if len(batches) > 1 else batches[0]
+        started = time.perf_counter()
         probs = self.predict(x)
+        duration_s = time.perf_counter() - started
+        self.metrics.batch_size.observe(len(x))
+        self.metrics.inference_duration.observe(duration_s)
+        self.log.debug("forward_pass", rows=len(x), calls=len(batches), duration_s=round(duration_s, 6),
+                       request_ids=[request_id for call_ids in request_ids for request_id in call_ids])
         if fault is not None and fault.kind == "noise":
             probs = self._add_noise(probs, fault.noise_scale)
         return np.split(probs, np.cumsum(sizes)[:-1])

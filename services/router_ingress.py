@@ -44,17 +44,18 @@ RETRY_AFTER_S = "1"
 class RouterIngress:
     """Serves `/v1/predict`, `/healthz`, `/readyz`, `/docs` and routes every row."""
 
-    def __init__(self, bundle_path: str, settings: dict[str, Any], experts: list, dense,
-                 queue_worker=None) -> None:
+    def __init__(self, bundle_path: str, settings: dict[str, Any], experts: list, dense) -> None:
         bind_replica_grpc_to_loopback()
         import torch
 
         from experts.bundle import load_bundle
         from monitoring.logging import get_logger
+        from monitoring.metrics import router_metrics
         from router.gate import Gate, GateSpec
         from router.policy import RoutingConfig
         from services.dispatch import MixtureDispatcher
         from services.redis_setup import create_async_client
+        from services.router_telemetry import RouterTelemetry
         from services.settings import Settings
 
         torch.set_num_threads(1)
@@ -62,6 +63,8 @@ class RouterIngress:
         self.settings = full_settings.router
         self.redis = create_async_client(full_settings.redis) if full_settings.redis.url else None
         self.log = get_logger("router")
+        self.telemetry = RouterTelemetry(router_metrics(), self.log)
+        self._redis_state: str | None = None
         bundle = load_bundle(bundle_path)
         manifest = bundle.manifest
         self.model_version = bundle.version
@@ -76,19 +79,19 @@ class RouterIngress:
 
         self.experts = experts
         self.dense = dense
-        # Bound here so that the worker deploys with the application and /readyz covers it.
-        self.queue_worker = queue_worker
         self.dispatcher = MixtureDispatcher(
             gate=gate,
             routing=routing,
             num_classes=len(self.class_names),
             expert_flops=[manifest["flops"][f"expert-{i}"] for i in range(len(experts))],
             dense_flops=manifest["flops"]["dense"],
-            call_expert=lambda expert, rows: self.experts[expert].remote(rows),
-            call_dense=lambda rows: self.dense.remote(rows),
+            call_expert=lambda expert, rows, request_ids: self.experts[expert].remote(rows, request_ids),
+            call_dense=lambda rows, request_ids: self.dense.remote(rows, request_ids),
             expert_capacity=self.settings.expert_capacity,
             expert_timeout_s=self.settings.expert_timeout_s,
             dense_timeout_s=self.settings.dense_timeout_s,
+            observer=self.telemetry.observe_expert_call,
+            forward_request_ids=True,
         )
         self.policy_version = 0
         self.route.set_max_batch_size(self.settings.replica.max_batch_size)
@@ -113,7 +116,9 @@ class RouterIngress:
         request_id = request.request_id or uuid.uuid4().hex
         item = DispatchItem(inputs=request.inputs, request_id=request_id, force_dense=request.path == "dense")
         outcome = await self.route(item)
-        latency_ms = (time.perf_counter() - started) * 1000.0
+        latency_s = time.perf_counter() - started
+        latency_ms = latency_s * 1000.0
+        self.telemetry.observe_request(outcome, latency_s)
         if outcome.error is not None:
             self.log.error("request_failed", request_id=request_id, error=str(outcome.error),
                            latency_ms=round(latency_ms, 3))
@@ -129,9 +134,8 @@ class RouterIngress:
             "gate_scores": outcome.gate_scores,
             "confidence": outcome.confidence,
         }
-        self.log.info("request", request_id=request_id, path=route["path"], reason=route["reason"],
-                      experts=outcome.experts, weights=outcome.weights, k=outcome.k,
-                      policy_version=self.policy_version, rows=len(request.inputs),
+        # The canonical request line: the response's route record plus size, latency and cost.
+        self.log.info("request", request_id=request_id, **route, rows=len(request.inputs),
                       latency_ms=round(latency_ms, 3), flops=outcome.flops)
         return {
             "request_id": request_id,
@@ -195,9 +199,6 @@ class RouterIngress:
         """Ping every model deployment and Redis; ready when all answer within 2 seconds."""
         names = [f"expert-{i}" for i in range(len(self.experts))] + ["dense"]
         handles = [*self.experts, self.dense]
-        if self.queue_worker is not None:
-            names.append("queue-worker")
-            handles.append(self.queue_worker)
 
         async def ping(handle) -> str:
             try:
@@ -218,11 +219,17 @@ class RouterIngress:
             return "not configured"
         try:
             await asyncio.wait_for(self.redis.ping(), 2.0)
-            return "ok"
+            state = "ok"
         except asyncio.TimeoutError:
-            return "timeout"
+            state = "timeout"
         except Exception as error:  # noqa: BLE001 - readiness reports, never raises
-            return f"error: {type(error).__name__}"
+            state = f"error: {type(error).__name__}"
+        if state != self._redis_state:
+            # Logged on change only: /readyz is polled every few seconds.
+            log = self.log.info if state == "ok" else self.log.warning
+            log("redis_state_changed", previous=self._redis_state, state=state)
+            self._redis_state = state
+        return state
 
     async def _handle_readyz(self) -> Response:
         report = await self.readiness()
