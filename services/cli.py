@@ -186,6 +186,10 @@ def _print_demo_report(report: dict[str, Any]) -> None:
 
 
 # Command groups defined in their own modules register here.
+from services.cli_pilot import register as register_pilot_command  # noqa: E402
+
+register_pilot_command(app)
+
 from services.cli_queue import register as register_queue_commands  # noqa: E402
 
 register_queue_commands(app)

@@ -10,6 +10,10 @@ Loss per batch:
 2. Routing loss: cross-entropy from the gate to a soft target that favours the
    experts with the lowest loss on each row (trains the gate; the renormalised
    top-1 weight is always 1, so the mixture loss alone gives the gate no gradient).
+   With `routing_smoothing` s > 0 the target is proportional to
+   p_e(y)^(1/T) + s instead of a softmax over -loss/T, so a row that every expert
+   gets wrong has a nearly uniform target. The gate then learns low confidence on
+   such rows, and the serving confidence floor sends them to the dense model.
 3. Load-balancing loss (fraction of rows routed to each expert times its mean gate
    probability, scaled by E; 1.0 when balanced) so that no expert starves.
 """
@@ -56,6 +60,7 @@ class MixtureTrainConfig:
     balance_weight: float = 0.05
     routing_weight: float = 1.0
     routing_temperature: float = 0.25
+    routing_smoothing: float = 0.0
     distill_weight: float = 0.0
     seed: int = 0
 
@@ -98,6 +103,16 @@ def _batches(num_rows: int, batch_size: int, generator: torch.Generator):
     permutation = torch.randperm(num_rows, generator=generator)
     for start in range(0, num_rows, batch_size):
         yield permutation[start : start + batch_size]
+
+
+def _routing_target(per_expert_nll: torch.Tensor, config: MixtureTrainConfig) -> torch.Tensor:
+    """Gate target [N, E] from each expert's loss on each row [N, E]."""
+    if config.routing_smoothing <= 0:
+        return torch.softmax(-per_expert_nll / config.routing_temperature, dim=-1)
+    # exp(-nll / T) = p_e(y)^(1/T) lies in (0, 1]; unlike the softmax it is not
+    # shift-invariant, so low scores from every expert give a flat target.
+    strength = torch.exp(-per_expert_nll / config.routing_temperature) + config.routing_smoothing
+    return strength / strength.sum(dim=-1, keepdim=True)
 
 
 def train_mixture(
@@ -157,7 +172,7 @@ def train_mixture(
             # Soft target: experts with a lower loss on the row get more gate mass.
             per_expert_nll = -torch.log(expert_probs.gather(2, yb.view(-1, 1, 1).expand(-1, len(experts), 1))
                                         .squeeze(2).clamp_min(1e-9))  # [N, E]
-            target = torch.softmax(-per_expert_nll.detach() / config.routing_temperature, dim=-1)
+            target = _routing_target(per_expert_nll.detach(), config)
             routing_loss = -(target * torch.log(gate_probs.clamp_min(1e-9))).sum(dim=-1).mean()
 
             balance = load_balancing_loss(gate_probs, selection.mask)

@@ -1,0 +1,79 @@
+"""`switchyard pilot`: the accuracy/compute sweep of the mixture against dense MLPs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from monitoring.logging import configure_logging, get_logger
+
+__all__ = ["format_pilot", "pilot", "register"]
+
+
+def pilot(
+    dataset: str = typer.Option("mnist5k", envvar="SWITCHYARD_DATASET",
+                                help="Built-in data set: mnist5k or digits."),
+    seeds: int = typer.Option(3, envvar="SWITCHYARD_SEEDS", min=1, max=20,
+                              help="Number of seeds (0 .. N-1); each sets the split and the weights."),
+    quick: bool = typer.Option(False, "--quick", help="Sweep fewer models and routing settings (a few minutes)."),
+    out: Path = typer.Option(Path("bench-results/pilot"), envvar="SWITCHYARD_OUT",
+                             help="Output directory for pilot.json and the PNG plots."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
+) -> None:
+    """Train dense MLPs and mixtures over several seeds; report where the mixture matches dense."""
+    from experts.data import DatasetError
+    from services.pilot import run_pilot
+
+    configure_logging()
+    log = get_logger("cli")
+    try:
+        report = run_pilot(dataset=dataset, seeds=seeds, quick=quick, out=out, log=log)
+    except DatasetError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    if json_output:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    typer.echo(format_pilot(report))
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def format_pilot(report: dict[str, Any]) -> str:
+    """Human-readable summary of a pilot report."""
+    lines = [
+        f"Pilot on {report['dataset']}, mean of {report['seeds']} seeds "
+        f"(chosen on validation, reported on test), {report['seconds']} s",
+        f"  best dense      {report['dense_best_label']:<24} {_percent(report['dense_best_accuracy'])} "
+        f"at {report['dense_best_flops']:,.0f} FLOPs",
+        f"  matching dense  {report['dense_match_label']:<24} {_percent(report['dense_match_accuracy'])} "
+        f"at {report['dense_match_flops']:,.0f} FLOPs",
+    ]
+    setting = report["moe_setting"]
+    if setting is None:
+        closest = report["moe_most_accurate"]
+        lines.append(f"  mixture         no setting within {100 * report['match_tolerance']:g} point of the best "
+                     f"dense model; the most accurate reached {_percent(closest['test_accuracy'])} at "
+                     f"{closest['flops']:,.0f} FLOPs ({closest['label']})")
+    else:
+        lines += [
+            f"  mixture         {setting['label']}",
+            f"                  {_percent(report['moe_accuracy'])} at {report['moe_flops']:,.0f} FLOPs, "
+            f"{report['mean_experts_per_request']:.2f} experts and {report['remote_calls_per_request']:.2f} "
+            f"remote calls per request, {setting['dense_fraction']:.1%} of rows to dense",
+            f"  FLOPs ratio     {report['moe_flops_ratio']:.3f} (target <= {report['target_flops_ratio']:g}: "
+            f"{'met' if report['meets_target'] else 'not met'})",
+        ]
+    lines.append(f"  plots           {', '.join(report['plots'])}")
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `pilot` command to the `switchyard` application."""
+    app.command("pilot")(pilot)
