@@ -53,6 +53,11 @@ class RequestError(Exception):
         self.message = message
         self.field = field
 
+    def __reduce__(self):
+        # Exceptions pickle as `cls(*args)` by default, and args holds only the message;
+        # Ray pickles an error raised in a replica to re-raise it in the caller.
+        return (type(self), (self.status, self.code, self.message, self.field))
+
 
 @dataclass(frozen=True)
 class PredictRequest:

@@ -262,9 +262,9 @@ class QueueConsumer:
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - a routing failure leaves the entry for a retry
-            message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            message = (f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)[:500]
             self._warnings.warn(log, "route_failed", error=message, deliveries=deliveries)
-            await self._record_error(entry_id, RequestError(503, "unavailable", message[:500]))
+            await self._record_error(entry_id, RequestError(503, "unavailable", message))
             self._count("retry")
             return
 
