@@ -2,7 +2,7 @@
 
 Producers add entries to `<prefix>requests` with the fields `payload` (msgpack of the
 `/v1/predict` body, including `request_id`) and `request_id`. Workers read them through
-the consumer group `workers` (see `services.queue_consumer`), write each answer to
+the consumer group `workers` (see `services.queue_consumer`), write each response to
 `<prefix>results` (`request_id`, `payload` = msgpack of the HTTP response body) or a dead
 letter to `<prefix>dead`, and then acknowledge and delete the request entry.
 
@@ -61,7 +61,7 @@ REASON_INVALID = "invalid_request"
 REASON_MAX_DELIVERIES = "max_deliveries"
 REASON_PAYLOAD_LOST = "payload_lost"
 
-# KEYS[1] = requests stream; ARGV[1] = max length; ARGV[2..] = field, value pairs.
+# KEYS[1] = requests stream, ARGV[1] = max length, ARGV[2..] = field, value pairs.
 # Checking the length and adding in one script keeps concurrent producers under the bound.
 _ADD_BOUNDED = """
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
@@ -100,7 +100,7 @@ class QueueStreams:
     """Key names of the queue under one key prefix.
 
     NOTE: the finishing script touches `requests`, `results`, `dead` and `last_errors` in
-    one call; on Redis Cluster they need one hash slot, e.g. the prefix `{switchyard}:`.
+    one call, so on Redis Cluster they need one hash slot (e.g. the prefix `{switchyard}:`).
     """
 
     requests: str
@@ -126,7 +126,7 @@ def _text(value: bytes | str | None) -> str | None:
 
 
 async def ensure_group(client, streams: QueueStreams) -> bool:
-    """Create the consumer group (and the stream) unless it exists; returns whether it was created.
+    """Create the consumer group and the stream unless the group exists. Returns True when created.
 
     The group starts at id 0, so entries added before any worker started are delivered too.
     That never repeats work because finished entries are deleted from the stream.
@@ -164,7 +164,7 @@ async def submit_requests(
 ) -> list[str]:
     """Add each document (a `/v1/predict` body with `request_id`) to the requests stream.
 
-    While the stream holds `max_length` entries, the producer backs off (50 ms doubling to
+    While the stream contains `max_length` entries, the producer backs off (50 ms doubling to
     1 s) and retries the entries that did not fit. Returns the entry ids in document order.
 
     Raises:
@@ -232,7 +232,7 @@ def _pack_numpy(value: Any) -> Any:
 
 @dataclass
 class QueueResults:
-    """Answers and dead letters of one submission, keyed by request_id."""
+    """Responses and dead letters of one submission, keyed by request_id."""
 
     answered: dict[str, dict[str, Any]] = field(default_factory=dict)
     dead: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -298,7 +298,7 @@ def _decode_dead_letter(fields: dict[bytes, bytes]) -> dict[str, Any]:
 
 @dataclass
 class SubmitReport:
-    """Outcome of `submit_and_wait`; `lost` = sent - answered - dead_lettered."""
+    """Outcome of `submit_and_wait`, where `lost` = sent - answered - dead_lettered."""
 
     sent: int
     answered: int
@@ -327,7 +327,7 @@ async def submit_and_wait(
     on_sent: Callable[[int], None] | None = None,
     on_done: Callable[[int], None] | None = None,
 ) -> SubmitReport:
-    """Send each row of `rows` [N, D] as one request and wait up to `timeout_s` for every answer.
+    """Send each row of `rows` [N, D] as one request and wait up to `timeout_s` for every result.
 
     Accuracy is the share of sent rows whose prediction equals the label (unanswered rows
     count as wrong), or None without labels.
@@ -407,7 +407,7 @@ def response_fields(request_id: str, response: dict[str, Any]) -> dict[str, Any]
 
 def dead_letter_fields(entry_id: str, reason: str, error: RequestError, deliveries: int,
                        request_id: str | None, payload: bytes | None) -> dict[str, Any]:
-    """Fields of a dead entry; `request_id` and `payload` only when known."""
+    """Fields of a dead entry. `request_id` and `payload` are included only when known."""
     fields: dict[str, Any] = {
         "reason": reason,
         "error": msgpack.packb(error_payload(error), use_bin_type=True),
@@ -446,7 +446,7 @@ def parse_autoclaim_reply(reply: Sequence[Any]) -> AutoclaimPage:
         if item is None or item[1] is None:
             nil_entries += 1
             continue
-        # A raw reply holds a flat field list; redis-py's parsed reply holds a dict.
+        # A raw reply contains a flat field list, and redis-py's parsed reply a dict.
         entry_id, values = item[0], item[1]
         fields = values if isinstance(values, dict) else dict(zip(values[::2], values[1::2]))
         entries.append((_text(entry_id), fields))

@@ -1,4 +1,4 @@
-"""The queue consumer: reads `requests` in the consumer group, routes, answers, reclaims.
+"""The queue consumer reads `requests` in a consumer group, routes entries and writes results.
 
 `QueueConsumer` has no Ray in it: the router call is an injected coroutine function, as
 are the Redis client, the clock and `sleep`, so tests drive it against a real Redis and a
@@ -34,8 +34,8 @@ __all__ = ["QueueConsumer"]
 
 _INITIAL_BACKOFF_S = 0.1
 _MAX_BACKOFF_S = 5.0
-# Seconds a last-error record outlives its entry's last failure; far longer than any
-# claim interval, so the record is still there when the entry is dead-lettered.
+# Seconds a last-error record outlives its entry's last failure. It is far longer than any
+# claim interval, so the record still exists when the entry is dead-lettered.
 _LAST_ERROR_TTL_S = 24 * 3600
 
 Route = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -49,11 +49,11 @@ class QueueConsumer:
     1. Every `reclaim_interval_s`, XAUTOCLAIM entries idle for `claim_idle_ms` (left by
        dead or stuck consumers, or by failed attempts), following the cursor until 0-0.
        An entry delivered more than `max_deliveries` times goes to `dead` with its last
-       error; an entry whose payload was trimmed or deleted is dead-lettered as
+       error. An entry whose payload was trimmed or deleted is dead-lettered as
        `payload_lost`. The others are processed like new entries.
     2. XREADGROUP up to `batch_size` new entries, blocking up to `block_ms`.
     3. Route every entry of the batch concurrently through `route(document)`.
-    4. Finish each entry with one script: write the answer to `results` (or the dead
+    4. Finish each entry with one script: write the response to `results` (or the dead
        letter to `dead`), then XACK and XDEL the request entry. The script writes only
        while the entry is still pending, so a redelivered entry is answered at most once.
 
@@ -101,7 +101,7 @@ class QueueConsumer:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Consume until `stop()`; contains and logs every failure and keeps running."""
+        """Consume until `stop()`. Every failure is logged and retried, and the loop keeps running."""
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import ResponseError
         from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -141,7 +141,7 @@ class QueueConsumer:
     # --- one pass ------------------------------------------------------------------------
 
     async def read_once(self) -> int:
-        """Read and process one batch of new entries; returns how many were read."""
+        """Read and process one batch of new entries, and return how many were read."""
         replies = await self.client.xreadgroup(
             self.streams.group, self.name, {self.streams.requests: ">"},
             count=self.config.batch_size, block=self.block_ms,
@@ -228,7 +228,7 @@ class QueueConsumer:
             body = msgpack.unpackb(recorded, raw=False)["error"]
             return RequestError(503, body["code"], f"delivered {deliveries} times; last error: {body['message']}",
                                 field=body.get("field"))
-        return RequestError(503, "max_deliveries", f"delivered {deliveries} times without an answer "
+        return RequestError(503, "max_deliveries", f"delivered {deliveries} times without a result "
                             f"(limit {self.config.max_deliveries}); no error was recorded")
 
     # --- one entry -----------------------------------------------------------------------
@@ -249,7 +249,7 @@ class QueueConsumer:
         try:
             document = decode_payload(payload, self.max_body_bytes)
             if isinstance(document, dict):
-                # Without a request_id the entry id names the answer in `results`.
+                # Without a request_id, the entry id becomes the request_id of the result.
                 document.setdefault("request_id", request_id or entry_id)
                 if isinstance(document["request_id"], str):
                     request_id = document["request_id"]

@@ -19,7 +19,7 @@ __all__ = ["QueueWorker"]
 
 
 class QueueWorker:
-    """Background consumer of the requests stream; answers only `ping` and health checks."""
+    """Background consumer of the requests stream. Callers use only `ping` and the health check."""
 
     async def __init__(self, settings: dict[str, Any], router_deployment: str) -> None:
         bind_replica_grpc_to_loopback()
@@ -38,6 +38,8 @@ class QueueWorker:
         self.block_ms = full_settings.redis.block_ms
         self.client = create_async_client(full_settings.redis)
         self.router = serve.get_deployment_handle(router_deployment, app_name=full_settings.app_name)
+        # NOTE: each replica joins the group under its own id. Nothing removes the consumers
+        # of stopped replicas, so they stay in XINFO CONSUMERS once their entries are reclaimed.
         consumer_name = serve.get_replica_context().replica_id.unique_id
         self.log = get_logger("queue_worker", consumer=consumer_name)
         self.consumer = QueueConsumer(
@@ -65,7 +67,7 @@ class QueueWorker:
             raise RuntimeError(f"queue consumer {self.consumer.name} stopped: {error!r}")
 
     async def __del__(self) -> None:
-        """Stop after the current batch; a batch cut short stays pending and is reclaimed."""
+        """Stop after the current batch. A batch cut short stays pending and is reclaimed."""
         self.consumer.stop()
         try:
             await asyncio.wait_for(asyncio.shield(self.task),
