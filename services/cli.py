@@ -186,6 +186,10 @@ def _print_demo_report(report: dict[str, Any]) -> None:
 
 
 # Command groups defined in their own modules register here.
+from services.cli_k8s import k8s_app  # noqa: E402
+
+app.add_typer(k8s_app, name="k8s")
+
 from services.cli_pilot import register as register_pilot_command  # noqa: E402
 
 register_pilot_command(app)

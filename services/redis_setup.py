@@ -9,6 +9,7 @@ use), in a temporary directory that is removed when it stops.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -38,6 +39,11 @@ class RedisSettings(BaseModel):
     connect_timeout_s: float = Field(2.0, gt=0, description="Seconds to establish a connection.")
     block_ms: int = Field(1000, ge=0, description="Longest blocking read (XREADGROUP BLOCK), in milliseconds.")
     health_check_interval_s: float = Field(10.0, ge=0, description="Seconds between PINGs on idle connections.")
+    password_env: str | None = Field(
+        None,
+        description="Name of an environment variable that contains the Redis password, so the password "
+        "stays out of configuration files; a password in `url` takes precedence.",
+    )
 
     @model_validator(mode="after")
     def _check_block_within_timeout(self) -> RedisSettings:
@@ -61,6 +67,16 @@ def _require_url(settings: RedisSettings) -> str:
     return settings.url
 
 
+def _password(settings: RedisSettings) -> str | None:
+    if settings.password_env is None:
+        return None
+    password = os.environ.get(settings.password_env)
+    if password is None:
+        raise ValueError(f"redis.password_env names the environment variable {settings.password_env!r}, "
+                         "which is not set; set it to the Redis password or remove redis.password_env")
+    return password
+
+
 def create_async_client(settings: RedisSettings):
     """redis.asyncio client with the configured timeouts; retries once on connection errors."""
     import redis.asyncio as redis_asyncio
@@ -71,6 +87,7 @@ def create_async_client(settings: RedisSettings):
 
     return redis_asyncio.Redis.from_url(
         _require_url(settings),
+        password=_password(settings),
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.connect_timeout_s,
         health_check_interval=settings.health_check_interval_s,
@@ -86,6 +103,7 @@ def create_sync_client(settings: RedisSettings):
 
     return redis.Redis.from_url(
         _require_url(settings),
+        password=_password(settings),
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.connect_timeout_s,
         decode_responses=False,
