@@ -68,7 +68,7 @@ def submit(
     async def run() -> Any:
         client = create_async_client(settings.redis)
         try:
-            with typer.progressbar(length=len(rows), label="answered", file=sys.stderr) as progress:
+            with typer.progressbar(length=len(rows), label="results", file=sys.stderr) as progress:
                 return await submit_and_wait(client, streams, rows, labels=labels,
                                              max_length=settings.queue.max_length, timeout_s=timeout_s,
                                              block_ms=settings.redis.block_ms, on_done=progress.update)

@@ -376,7 +376,9 @@ def decode_payload(payload: bytes | None, max_body_bytes: int) -> Any:
         return msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=max_body_bytes,
                                max_str_len=64 * 1024, max_array_len=max_body_bytes, max_map_len=64, max_ext_len=0)
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as error:
-        raise RequestError(400, "malformed_body", f"payload is not valid msgpack: {error}", field="payload") from None
+        detail = str(error) or type(error).__name__
+        raise RequestError(400, "malformed_body", f"payload is not valid msgpack ({detail}); "
+                           "send the /v1/predict body packed with msgpack", field="payload") from None
 
 
 async def finish_entry(

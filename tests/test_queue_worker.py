@@ -1,7 +1,7 @@
 """Queue consumers routing through the running application, and the deployed queue worker.
 
 Consumers here run in the test process as asyncio tasks against a real redis-server and
-call the real router deployment through a handle; each test uses its own key prefix.
+call the real router deployment through a handle. Each test uses its own key prefix.
 """
 
 import asyncio
@@ -118,7 +118,7 @@ async def test_consumer_killed_mid_batch_answers_each_once(redis_client, streams
     stalled = asyncio.Event()
 
     async def route_then_stall(document):
-        # The victim answers its first 6 entries for real, then hangs until it is killed.
+        # The victim routes its first 6 entries for real, then hangs until it is cancelled.
         nonlocal routed
         routed += 1
         if routed <= 6:
