@@ -207,6 +207,8 @@ class QueueConsumer:
 
     async def _pending_owned(self, cursor: str, next_cursor: str) -> list[dict[str, Any]]:
         upper = "+" if next_cursor == "0-0" else f"({next_cursor}"
+        # One XAUTOCLAIM call scans at most 10 x COUNT pending entries (Redis 6.2 and 7), so
+        # the page range [cursor, next_cursor) contains no more than that.
         pending = await self.client.xpending_range(
             self.streams.requests, self.streams.group, min=cursor, max=upper,
             count=10 * self.config.batch_size + 100, consumername=self.name,

@@ -9,6 +9,7 @@ import uuid
 import msgpack
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from services.codec import encode_tensor
 from services.queue import (
@@ -105,6 +106,11 @@ def test_autoclaim_reply_parsed_by_redis_py():
 def test_autoclaim_reply_of_wrong_length_raises():
     with pytest.raises(ValueError, match="4 elements, expected 2 or 3"):
         parse_autoclaim_reply([b"0-0", [], [], []])
+
+
+def test_queue_settings_reject_claim_before_timeout():
+    with pytest.raises(ValidationError, match=r"claim_idle_ms \(5000 ms\) must be longer than route_timeout_s"):
+        QueueSettings(claim_idle_ms=5000, route_timeout_s=5.0)
 
 
 # --- producer ------------------------------------------------------------------------------
