@@ -57,7 +57,7 @@ def format_pilot(report: dict[str, Any]) -> str:
     ]
     setting = report["moe_setting"]
     if setting is None:
-        closest = report["moe_most_accurate"]
+        closest = report["moe_max_accuracy_setting"]
         lines.append(f"  mixture         no setting within {100 * report['match_tolerance']:g} point of the best "
                      f"dense model; the most accurate reached {_percent(closest['test_accuracy'])} at "
                      f"{closest['flops']:,.0f} FLOPs ({closest['label']})")

@@ -70,6 +70,7 @@ class DenseTrainConfig:
     """Dense baseline architecture and optimisation settings."""
 
     hidden: tuple[int, ...] = (128, 128)
+    input_dropout: float = 0.0
     max_epochs: int = 150
     patience_epochs: int = 20
     batch_size: int = 64
@@ -103,6 +104,17 @@ def _batches(num_rows: int, batch_size: int, generator: torch.Generator):
     permutation = torch.randperm(num_rows, generator=generator)
     for start in range(0, num_rows, batch_size):
         yield permutation[start : start + batch_size]
+
+
+def _drop_inputs(x: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Set a random `rate` share of the raw input features to 0 (training-time regulariser).
+
+    Unlike `F.dropout` the kept features are not rescaled, so a dropped pixel looks like
+    background rather than a brighter image.
+    """
+    if rate <= 0:
+        return x
+    return x * (torch.rand(x.shape, generator=generator) >= rate)
 
 
 def _routing_target(per_expert_nll: torch.Tensor, config: MixtureTrainConfig) -> torch.Tensor:
@@ -269,7 +281,7 @@ def train_dense(
     for epoch in range(1, config.max_epochs + 1):
         model.train()
         for batch in _batches(len(y), config.batch_size, generator):
-            loss = F.cross_entropy(model(x[batch]), y[batch])
+            loss = F.cross_entropy(model(_drop_inputs(x[batch], config.input_dropout, generator)), y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from experts.data import load_dataset
 from experts.models import MLP
 from router.policy import RoutingConfig, combine, select_experts
 from services.mixture import DenseTrainConfig, MixtureTrainConfig, evaluate_mixture, train_dense, train_mixture
+from services.pilot_plots import plot_pilot
 
 __all__ = [
     "MATCH_TOLERANCE",
@@ -69,11 +73,11 @@ _EPSILON = 1e-9
 class PilotPlan:
     """What the pilot trains and sweeps.
 
-    `fallbacks` are indices into `dense_hidden`: the dense models that answer the rows a
+    `fallbacks` are indices into `dense`: the dense models that answer the rows a
     confidence floor above 0 sends to dense. Their FLOPs count on those rows.
     """
 
-    dense_hidden: tuple[tuple[int, ...], ...]
+    dense: tuple[DenseTrainConfig, ...]
     mixtures: tuple[MixtureTrainConfig, ...]
     routings: tuple[RoutingConfig, ...]
     fallbacks: tuple[int, ...]
@@ -81,12 +85,12 @@ class PilotPlan:
     patience_epochs: int = 20
 
     def __post_init__(self) -> None:
-        if not self.dense_hidden or not self.mixtures or not self.routings:
+        if not self.dense or not self.mixtures or not self.routings:
             raise ValueError("a pilot plan needs at least one dense model, one mixture and one routing setting")
         for index in self.fallbacks:
-            if not 0 <= index < len(self.dense_hidden):
+            if not 0 <= index < len(self.dense):
                 raise ValueError(f"fallback index {index} is out of range; the plan has "
-                                 f"{len(self.dense_hidden)} dense models")
+                                 f"{len(self.dense)} dense models")
 
 
 def _routing_grid(top_ps: Sequence[float], ks: Sequence[tuple[int, int]],
@@ -100,6 +104,10 @@ def _routing_grid(top_ps: Sequence[float], ks: Sequence[tuple[int, int]],
     return tuple(settings)
 
 
+def _dense(*hidden: tuple[int, ...], input_dropout: float = 0.0) -> tuple[DenseTrainConfig, ...]:
+    return tuple(DenseTrainConfig(hidden=widths, input_dropout=input_dropout) for widths in hidden)
+
+
 def _mixture(num_experts: int, expert_hidden: tuple[int, ...], gate_hidden: int, distill_weight: float,
              routing_smoothing: float) -> MixtureTrainConfig:
     return MixtureTrainConfig(num_experts=num_experts, expert_hidden=expert_hidden, gate_hidden=gate_hidden,
@@ -108,21 +116,20 @@ def _mixture(num_experts: int, expert_hidden: tuple[int, ...], gate_hidden: int,
 
 
 def full_plan() -> PilotPlan:
-    """The published sweep: seven dense MLPs and eight mixture designs."""
+    """The published sweep: nine dense MLPs and six mixture designs."""
     return PilotPlan(
-        dense_hidden=((32,), (64,), (128,), (256,), (128, 128), (256, 256), (512, 512)),
+        dense=(*_dense((32,), (64,), (128,), (256,), (256, 256), (512, 512)),
+               *_dense((64,), (256,), (512, 512), input_dropout=0.2)),
         mixtures=(
-            _mixture(4, (32,), 16, 0.0, 0.0),  # the default design, scaled to 784 inputs
+            _mixture(4, (32,), 16, 0.0, 0.0),  # the digits default design, on 784 inputs
             _mixture(8, (32,), 0, 0.0, 0.0),
             _mixture(4, (16,), 0, 1.0, 0.0),
             _mixture(4, (32,), 0, 1.0, 0.0),
             _mixture(8, (16,), 0, 1.0, 0.0),
             _mixture(4, (16,), 0, 1.0, 0.05),
-            _mixture(4, (32,), 0, 1.0, 0.05),
-            _mixture(8, (16,), 0, 1.0, 0.05),
         ),
-        routings=_routing_grid(top_ps=(0.5, 0.7, 0.9), ks=((1, 1), (1, 2), (2, 2), (1, 4)),
-                               floors=(0.0, 0.3, 0.4, 0.5, 0.6, 0.7)),
+        routings=_routing_grid(top_ps=(0.5, 0.7, 0.9), ks=((1, 1), (1, 2), (2, 2)),
+                               floors=(0.0, 0.3, 0.4, 0.5, 0.6)),
         fallbacks=(1, 3),
     )
 
@@ -130,7 +137,7 @@ def full_plan() -> PilotPlan:
 def quick_plan() -> PilotPlan:
     """A smaller sweep that finishes within a few minutes on 2 CPU cores."""
     return PilotPlan(
-        dense_hidden=((32,), (64,), (256,), (256, 256)),
+        dense=_dense((32,), (64,), (256,), (256, 256)),
         mixtures=(
             _mixture(4, (16,), 0, 1.0, 0.0),
             _mixture(4, (16,), 0, 1.0, 0.05),
@@ -178,7 +185,7 @@ def summarize(dense_points: Sequence[dict], moe_points: Sequence[dict],
     reference = best["validation_accuracy"]
     dense_match = cheapest_within(dense_points, reference, tolerance)
     moe_match = cheapest_within(moe_points, reference, tolerance)
-    most_accurate_moe = max(moe_points, key=lambda p: (p["validation_accuracy"], -p["flops"]), default=None)
+    max_accuracy_moe = max(moe_points, key=lambda p: (p["validation_accuracy"], -p["flops"]), default=None)
 
     summary: dict[str, Any] = {
         "selection_split": "validation",
@@ -194,7 +201,7 @@ def summarize(dense_points: Sequence[dict], moe_points: Sequence[dict],
         "moe_flops": None,
         "moe_flops_ratio": None,
         "moe_setting": None,
-        "moe_most_accurate": most_accurate_moe,
+        "moe_max_accuracy_setting": max_accuracy_moe,
     }
     if moe_match is not None:
         summary.update(
@@ -220,8 +227,11 @@ def _accuracy(model: MLP, x: np.ndarray, y: np.ndarray) -> float:
     return float((predictions == y).mean())
 
 
-def _dense_label(hidden: tuple[int, ...]) -> str:
-    return "dense " + "x".join(str(width) for width in hidden)
+def _dense_label(config: DenseTrainConfig) -> str:
+    label = "dense " + "x".join(str(width) for width in config.hidden)
+    if config.input_dropout > 0:
+        label += f", input dropout {config.input_dropout:g}"
+    return label
 
 
 def _mixture_label(config: MixtureTrainConfig) -> str:
@@ -259,14 +269,16 @@ def _run_seed(dataset_name: str, seed: int, plan: PilotPlan, log) -> tuple[list[
 
     # 1. Dense models.
     dense_rows, dense_models = [], []
-    for hidden in plan.dense_hidden:
-        config = DenseTrainConfig(hidden=hidden, seed=seed, max_epochs=plan.max_epochs,
-                                  patience_epochs=plan.patience_epochs)
+    dense_labels = []
+    for dense_config in plan.dense:
+        config = replace(dense_config, seed=seed, max_epochs=plan.max_epochs, patience_epochs=plan.patience_epochs)
         model, history = train_dense(train.x, train.y, validation.x, validation.y, data.num_classes, config)
-        label = _dense_label(hidden)
+        label = _dense_label(config)
+        dense_labels.append(label)
         dense_models.append(model)
         models.dense[label] = model
-        dense_rows.append({"label": label, "hidden": list(hidden), "flops": model.flops,
+        dense_rows.append({"label": label, "hidden": list(config.hidden), "input_dropout": config.input_dropout,
+                           "flops": model.flops,
                            "validation_accuracy": _accuracy(model, validation.x, validation.y),
                            "test_accuracy": _accuracy(model, test.x, test.y), "epochs": history["epochs"]})
         log.info("pilot_dense_trained", seed=seed, model=label, flops=model.flops,
@@ -286,16 +298,36 @@ def _run_seed(dataset_name: str, seed: int, plan: PilotPlan, log) -> tuple[list[
             fallbacks = plan.fallbacks if routing.confidence_floor > 0 else (None,)
             for fallback in fallbacks:
                 dense = None if fallback is None else dense_models[fallback]
+                fallback_label = None if fallback is None else dense_labels[fallback]
                 scores = {split_name: evaluate_mixture(gate, experts, split.x, split.y, routing, dense=dense)
                           for split_name, split in (("validation", validation), ("test", test))}
-                moe_rows.append(_moe_row(mixture_label, config, routing, dense, scores))
+                moe_rows.append(_moe_row(mixture_label, config, routing, fallback_label, scores))
     return dense_rows, moe_rows, models
 
 
-def _moe_row(mixture_label: str, config: MixtureTrainConfig, routing: RoutingConfig, dense: MLP | None,
+def _seed_worker(dataset_name: str, seed: int, plan: PilotPlan):
+    from monitoring.logging import configure_logging, get_logger
+
+    torch.set_num_threads(1)
+    configure_logging()
+    return _run_seed(dataset_name, seed, plan, get_logger("pilot", seed=seed))
+
+
+def _run_seeds(dataset_name: str, seeds: int, plan: PilotPlan, workers: int, log) -> list[tuple]:
+    """`_run_seed` for seeds 0 .. seeds-1, in order; in this process when `workers` is 1."""
+    if workers == 1:
+        return [_run_seed(dataset_name, seed, plan, log) for seed in range(seeds)]
+    # "spawn" starts clean interpreters: forking a process that already ran torch can
+    # deadlock in its thread pools.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(_seed_worker, dataset_name, seed, plan) for seed in range(seeds)]
+        return [future.result() for future in futures]
+
+
+def _moe_row(mixture_label: str, config: MixtureTrainConfig, routing: RoutingConfig, fallback_label: str | None,
              scores: dict[str, dict]) -> dict:
     test = scores["test"]
-    fallback_label = None if dense is None else _dense_label(dense.spec.hidden)
     label = f"{mixture_label}; {_routing_label(routing)}"
     if fallback_label:
         label += f"; fallback {fallback_label}"
@@ -393,64 +425,7 @@ def _latency(summary: dict, models: _SeedModels, rows: int = 200) -> dict[str, f
     return latency
 
 
-# ---------------------------------------------------------------------------- plots and report
-
-
-def _plot(report: dict, out: Path) -> list[str]:
-    """Write the accuracy/FLOPs plot and the experts-per-request plot; return their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    dense, moe = report["dense_points"], report["moe_points"]
-    summary = report
-    paths = []
-
-    figure, axes = plt.subplots(figsize=(8, 5.5))
-    axes.scatter([p["flops"] for p in moe], [100 * p["test_accuracy"] for p in moe], s=10, alpha=0.3,
-                 color="tab:orange", label="mixture settings")
-    axes.scatter([p["flops"] for p in dense], [100 * p["test_accuracy"] for p in dense], s=30,
-                 color="tab:blue", label="dense MLPs")
-    for points, color, name in ((report["dense_front"], "tab:blue", "dense Pareto front"),
-                                (report["moe_front"], "tab:orange", "mixture Pareto front")):
-        axes.plot([p["flops"] for p in points], [100 * p["test_accuracy"] for p in points], "-o", color=color,
-                  markersize=4, label=name)
-    threshold = 100 * (summary["dense_best_accuracy"] - summary["match_tolerance"])
-    axes.axhline(threshold, color="gray", linestyle="--", linewidth=1,
-                 label=f"best dense - {100 * summary['match_tolerance']:g} point")
-    axes.axvline(summary["dense_match_flops"] * TARGET_FLOPS_RATIO, color="tab:green", linestyle=":",
-                 linewidth=1, label=f"{TARGET_FLOPS_RATIO:g} x FLOPs of matching dense")
-    if summary["moe_setting"] is not None:
-        axes.scatter([summary["moe_flops"]], [100 * summary["moe_accuracy"]], marker="*", s=200,
-                     color="tab:red", zorder=5, label="chosen mixture setting")
-    axes.set_xscale("log")
-    axes.set_xlabel("FLOPs per example (multiply-adds, log scale)")
-    axes.set_ylabel(f"test accuracy, % (mean of {report['seeds']} seeds)")
-    axes.set_title(f"Accuracy against compute on {report['dataset']}")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
-    path = out / "pilot_accuracy_flops.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    paths.append(str(path))
-
-    figure, axes = plt.subplots(figsize=(8, 5))
-    scatter = axes.scatter([p["remote_calls_per_request"] for p in moe], [100 * p["test_accuracy"] for p in moe],
-                           c=[p["flops"] for p in moe], cmap="viridis", s=14)
-    figure.colorbar(scatter, label="FLOPs per example")
-    axes.axhline(threshold, color="gray", linestyle="--", linewidth=1)
-    axes.set_xlabel("remote calls per one-row request (experts + dense fallback)")
-    axes.set_ylabel("test accuracy, %")
-    axes.set_title("Mixture settings: accuracy against remote calls")
-    axes.grid(True, alpha=0.3)
-    figure.tight_layout()
-    path = out / "pilot_remote_calls.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    paths.append(str(path))
-    return paths
+# ---------------------------------------------------------------------------- report
 
 
 def run_pilot(
@@ -459,9 +434,13 @@ def run_pilot(
     quick: bool = False,
     out: str | Path = "bench-results/pilot",
     plan: PilotPlan | None = None,
+    workers: int | None = None,
     log=None,
 ) -> dict[str, Any]:
     """Run the sweep over `seeds` seeds (0 .. seeds-1) and write pilot.json and the plots under `out`.
+
+    Seeds train in parallel in `workers` processes (default: one per CPU core, at most
+    one per seed), each with one torch thread.
 
     Returns the report: SPEC's pilot fields (`dataset`, `seeds`, `dense_best_accuracy`,
     `dense_match_flops`, `moe_accuracy`, `moe_flops`, `moe_flops_ratio`), the chosen
@@ -481,12 +460,13 @@ def run_pilot(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    dense_per_seed, moe_per_seed, first_models = [], [], None
-    for seed in range(seeds):
-        dense_rows, moe_rows, models = _run_seed(dataset, seed, plan, log)
-        dense_per_seed.append(dense_rows)
-        moe_per_seed.append(moe_rows)
-        first_models = first_models or models
+    workers = max(1, min(seeds, workers if workers is not None else os.cpu_count() or 1))
+    log.info("pilot_started", dataset=dataset, seeds=seeds, workers=workers, dense_models=len(plan.dense),
+             mixtures=len(plan.mixtures), routing_settings=len(plan.routings))
+    results = _run_seeds(dataset, seeds, plan, workers, log)
+    dense_per_seed = [dense_rows for dense_rows, _, _ in results]
+    moe_per_seed = [moe_rows for _, moe_rows, _ in results]
+    first_models = results[0][2]
 
     dense_points = _average(dense_per_seed)
     moe_points = _average(moe_per_seed)
@@ -509,7 +489,7 @@ def run_pilot(
         "moe_points": moe_points,
         "torch_threads": torch.get_num_threads(),
     }
-    report["plots"] = _plot(report, out)
+    report["plots"] = plot_pilot(report, out)
     report["seconds"] = round(time.perf_counter() - started, 1)
     (out / "pilot.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("pilot_finished", dataset=dataset, seeds=seeds, seconds=report["seconds"],
