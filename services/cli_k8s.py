@@ -58,6 +58,11 @@ def validate(
     json_output: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
 ) -> None:
     """Check every manifest offline; exit 1 when one is invalid or could not be checked."""
+    try:
+        import jsonschema  # noqa: F401
+        import kubernetes_validate  # noqa: F401
+    except ImportError as error:
+        _fail(f"{error.name} is not installed; install the k8s extra with `pip install 'switchyard[k8s]'`")
     from services.k8s_validate import INVALID, NOT_CHECKED, OK, ValidationSetupError, validate_directory
 
     try:
