@@ -5,9 +5,9 @@ Ray gave it a GPU and on the CPU otherwise, and merges concurrent calls into one
 forward pass with `@serve.batch`. Inputs and outputs are numpy arrays, which Ray
 serialises without copying; outputs are class probabilities (float32, [N, C]).
 
-Every call carries the ids of the requests whose rows it holds. Each forward pass
+Every call carries the ids of the requests whose rows it contains. Each forward pass
 records its rows and duration in the `switchyard_model_*` histograms and logs one
-debug line `forward_pass` with those ids; failed passes log a rate-limited warning.
+debug line `forward_pass` with those ids. A failed pass logs a rate-limited warning.
 
 Game-day faults arrive through `user_config` (see `services.faults`), so an operator
 can make one expert fail, slow down or return noisy answers without a redeploy.
@@ -80,7 +80,7 @@ class ModelReplica:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def __call__(self, batches: list[np.ndarray], request_ids: list[list[str]]) -> list[np.ndarray]:
-        """Answer each call's rows; `request_ids` holds, per call, the ids of its requests (for logs only)."""
+        """Run one forward pass over the merged calls; `request_ids[i]` lists call i's request ids, for logs."""
         try:
             return await self._forward(batches, request_ids)
         except Exception as error:
