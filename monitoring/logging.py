@@ -6,8 +6,9 @@ a terminal, so replicas always write JSON.
 
 Request ids travel as explicit fields (`log.info("request", request_id=...)`), never
 as contextvars bound in the request handler. An asyncio task copies the context of
-the task that created it, and `@serve.batch` (Ray Serve 2.60) creates its batch loop inside the first request
-that arrives, so a bound request id would appear on every later batch's lines.
+the task that created it, and `@serve.batch` (Ray Serve 2.60) creates its batch loop
+inside the first request that arrives, so a bound request id would appear on every
+later batch's lines.
 `structlog.contextvars` stays merged for code that binds a value for the life of one
 task (`bound_contextvars` restores the previous value on exit).
 
