@@ -25,12 +25,17 @@ __all__ = [
     "QUEUE_WORKER_DEPLOYMENT",
     "ROUTER_DEPLOYMENT",
     "app_builder",
+    "SUPERVISOR_DEPLOYMENT",
     "build_app",
+    "build_supervisor_app",
     "expert_deployment_name",
+    "supervisor_app_builder",
+    "supervisor_app_name",
 ]
 
 ROUTER_DEPLOYMENT = "router"
 DENSE_DEPLOYMENT = "dense"
+SUPERVISOR_DEPLOYMENT = "supervisor"
 QUEUE_WORKER_DEPLOYMENT = "queue-worker"
 # Serve's per-request access log line costs CPU on the hot path; the router writes
 # one canonical line per request instead.
@@ -115,6 +120,41 @@ def _queue_worker_deployment(settings: Settings):
     return deployment.bind(settings_json, ROUTER_DEPLOYMENT)
 
 
+def supervisor_app_name(settings: Settings) -> str:
+    """The supervisor's Serve application: separate, so that rollback works while the router is broken."""
+    return f"{settings.app_name}-supervisor"
+
+
+def build_supervisor_app(settings: Settings, admin_token_sha256: str) -> Application:
+    """Bind the supervisor deployment (one replica) with the admin token's sha256, never the token."""
+    from services.supervisor_api import SupervisorIngress
+
+    settings_json = settings.model_dump(mode="json")
+    deployment = serve.deployment(SupervisorIngress).options(
+        name=SUPERVISOR_DEPLOYMENT, logging_config=_LOGGING, num_replicas=1, max_ongoing_requests=32,
+        ray_actor_options={"num_cpus": 0.05}, health_check_period_s=5.0,
+        version=_code_version(SUPERVISOR_DEPLOYMENT, settings_json, admin_token_sha256), _internal=True,
+    )
+    return deployment.bind(settings_json, admin_token_sha256)
+
+
 def app_builder(args: dict[str, Any]) -> Application:
     """Serve application builder: `args` is a settings mapping (as in a config file)."""
     return build_app(Settings.model_validate(args or {}))
+
+
+def supervisor_app_builder(args: dict[str, Any]) -> Application:
+    """Serve application builder of the supervisor; the admin token comes from `SWITCHYARD_ADMIN_TOKEN`.
+
+    Raises:
+        ValueError: `SWITCHYARD_ADMIN_TOKEN` is not set, so no one could call the mutating API.
+    """
+    import os
+
+    from services.supervisor import hash_admin_token
+
+    token = os.environ.get("SWITCHYARD_ADMIN_TOKEN")
+    if not token:
+        raise ValueError("SWITCHYARD_ADMIN_TOKEN is not set; set it (e.g. from a Kubernetes Secret) so that "
+                         "the supervisor API can authorize rollbacks")
+    return build_supervisor_app(Settings.model_validate(args or {}), hash_admin_token(token))

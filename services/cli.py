@@ -130,10 +130,12 @@ def serve(
         signal.signal(signum, lambda *_: stop.set())
     try:
         with LocalServe(settings, metrics_port=metrics_port) as server:
-            server.write_runtime()
-            log.info("serving", http_url=server.http_url, metrics_url=server.metrics_url)
+            runtime = json.loads(server.write_runtime().read_text())
+            token_source = runtime["admin_token_file"] or "SWITCHYARD_ADMIN_TOKEN"
+            log.info("serving", http_url=server.http_url, metrics_url=server.metrics_url,
+                     admin_token_file=runtime["admin_token_file"])
             typer.echo(f"Switchyard is serving at {server.http_url} (metrics: {server.metrics_url}); "
-                       "press Ctrl+C to stop", err=True)
+                       f"supervisor admin token in {token_source}; press Ctrl+C to stop", err=True)
             try:
                 stop.wait()
             finally:
@@ -197,6 +199,14 @@ register_pilot_command(app)
 from services.cli_queue import register as register_queue_commands  # noqa: E402
 
 register_queue_commands(app)
+
+from services.cli_bench import bench as bench_command  # noqa: E402
+
+app.command(name="bench")(bench_command)
+
+from services.cli_supervisor import register as register_supervisor_commands  # noqa: E402
+
+register_supervisor_commands(app)
 
 
 def main() -> None:

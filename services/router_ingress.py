@@ -42,9 +42,10 @@ RETRY_AFTER_S = "1"
 
 
 class RouterIngress:
-    """Serves `/v1/predict`, `/healthz`, `/readyz`, `/docs` and routes every row."""
+    """Serves `/v1/predict`, `/v1/feedback`, `/healthz`, `/readyz`, `/docs` and routes every row."""
 
-    def __init__(self, bundle_path: str, settings: dict[str, Any], experts: list, dense) -> None:
+    def __init__(self, bundle_path: str, settings: dict[str, Any], experts: list, dense,
+                 queue_worker=None) -> None:
         bind_replica_grpc_to_loopback()
         import torch
 
@@ -79,6 +80,8 @@ class RouterIngress:
 
         self.experts = experts
         self.dense = dense
+        # Bound here so that the worker deploys with the application and /readyz covers it.
+        self.queue_worker = queue_worker
         self.dispatcher = MixtureDispatcher(
             gate=gate,
             routing=routing,
@@ -93,7 +96,16 @@ class RouterIngress:
             observer=self.telemetry.observe_expert_call,
             forward_request_ids=True,
         )
-        self.policy_version = 0
+        self.supervision = None
+        if self.redis is not None:
+            from services.router_supervision import RouterSupervision
+
+            self.supervision = RouterSupervision(
+                self.redis, full_settings, call_dense=self._call_dense, num_classes=len(self.class_names),
+                agreement_gauge=self.telemetry.metrics.shadow_agreement,
+                comparisons_counter=self.telemetry.metrics.shadow_comparisons,
+            )
+            self.supervision.start()  # Serve runs the constructor on the replica's event loop.
         self.route.set_max_batch_size(self.settings.replica.max_batch_size)
         self.route.set_batch_wait_timeout_s(self.settings.replica.batch_wait_timeout_s)
         self._openapi = openapi_document(self.input_shape, self.settings.max_rows_per_request)
@@ -114,7 +126,11 @@ class RouterIngress:
         """
         started = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex
-        item = DispatchItem(inputs=request.inputs, request_id=request_id, force_dense=request.path == "dense")
+        supervisor_dense, policy_version = False, 0
+        if self.supervision is not None:
+            supervisor_dense, policy_version = self.supervision.route_policy(request_id)
+        item = DispatchItem(inputs=request.inputs, request_id=request_id, force_dense=request.path == "dense",
+                            supervisor_dense=supervisor_dense)
         outcome = await self.route(item)
         latency_s = time.perf_counter() - started
         latency_ms = latency_s * 1000.0
@@ -128,7 +144,7 @@ class RouterIngress:
             "reason": outcome.reason,
             "experts": outcome.experts,
             "weights": outcome.weights,
-            "policy_version": self.policy_version,
+            "policy_version": policy_version,
             "k": outcome.k,
             "row_reasons": outcome.row_reasons,
             "gate_scores": outcome.gate_scores,
@@ -137,10 +153,14 @@ class RouterIngress:
         # The canonical request line: the response's route record plus size, latency and cost.
         self.log.info("request", request_id=request_id, **route, rows=len(request.inputs),
                       latency_ms=round(latency_ms, 3), flops=outcome.flops)
+        predictions = np.argmax(outcome.outputs, axis=1).tolist()
+        if self.supervision is not None:
+            self.supervision.observe(request_id, request.inputs, predictions, outcome.row_reasons,
+                                     outcome.confidence, latency_s, policy_version)
         return {
             "request_id": request_id,
             "outputs": outcome.outputs,
-            "predictions": np.argmax(outcome.outputs, axis=1).tolist(),
+            "predictions": predictions,
             "route": route,
             "flops": outcome.flops,
             "model_version": self.model_version,
@@ -164,6 +184,10 @@ class RouterIngress:
             if request.method != "POST":
                 return _error_response(RequestError(405, "method_not_allowed", "use POST for /v1/predict"), JSON)
             return await self._handle_predict(request)
+        if path == "/v1/feedback":
+            if request.method != "POST":
+                return _error_response(RequestError(405, "method_not_allowed", "use POST for /v1/feedback"), JSON)
+            return await self._handle_feedback(request)
         if path == "/healthz":
             return JSONResponse({"status": "ok"})
         if path == "/readyz":
@@ -192,13 +216,37 @@ class RouterIngress:
             self.log.exception("internal_error", error=repr(error))
             return _error_response(RequestError(500, "internal_error", "internal error; see the router log"),
                                    response_media)
-        return Response(encode_body(payload, response_media), media_type=response_media,
-                        headers={"X-Request-Id": payload["request_id"]})
+        # Serve's proxy sets its own X-Request-Id header, so the id travels in the body only.
+        return Response(encode_body(payload, response_media), media_type=response_media)
+
+    def _call_dense(self, rows: np.ndarray, request_id: str):
+        """Call dense outside the dispatcher (shadow evaluation), in the dispatcher's call convention."""
+        if self.dispatcher.forward_request_ids:
+            return self.dispatcher.call_dense(rows, [request_id])
+        return self.dispatcher.call_dense(rows)
+
+    async def _handle_feedback(self, request: Request) -> Response:
+        try:
+            if self.supervision is None:
+                raise RequestError(503, "unavailable", "feedback needs Redis, and this router has no redis.url")
+            body = await _read_body(request, self.settings.max_body_bytes)
+            result = await self.supervision.feedback(body, request.headers.get("content-type"))
+        except RequestError as error:
+            return _error_response(error, JSON)
+        except Exception as error:  # noqa: BLE001 - a Redis outage must not drop the connection
+            self.log.warning("feedback_failed", error=repr(error))
+            return _error_response(RequestError(503, "unavailable", f"feedback could not be stored: "
+                                                                    f"{type(error).__name__}; retry shortly"),
+                                   JSON, headers={"Retry-After": RETRY_AFTER_S})
+        return JSONResponse(result)
 
     async def readiness(self) -> dict[str, Any]:
         """Ping every model deployment and Redis; ready when all answer within 2 seconds."""
         names = [f"expert-{i}" for i in range(len(self.experts))] + ["dense"]
         handles = [*self.experts, self.dense]
+        if self.queue_worker is not None:
+            names.append("queue-worker")
+            handles.append(self.queue_worker)
 
         async def ping(handle) -> str:
             try:

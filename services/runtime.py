@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -22,6 +23,10 @@ from services.settings import Settings
 __all__ = ["LocalServe", "ServeStartError", "find_free_port", "read_runtime", "state_dir"]
 
 RUNTIME_FILE = "runtime.json"
+SETTINGS_FILE = "settings.json"
+ADMIN_TOKEN_FILE = "admin-token"
+FAULTS_FILE = "faults.json"  # faults that `switchyard drill` put in force
+ADMIN_TOKEN_ENV = "SWITCHYARD_ADMIN_TOKEN"
 
 
 class ServeStartError(RuntimeError):
@@ -57,10 +62,12 @@ class LocalServe:
         num_cpus: CPUs Ray may hand out; None uses the machine's count.
         ready_timeout_s: how long to wait for `/readyz` before giving up.
         log_to_driver: stream replica logs to this process's stderr.
+        admin_token: bearer token of the supervisor API; None takes `SWITCHYARD_ADMIN_TOKEN`,
+            else generates one, which `write_runtime` stores owner-only in `admin-token`.
     """
 
     def __init__(self, settings: Settings, metrics_port: int | None = None, num_cpus: float | None = None,
-                 ready_timeout_s: float = 180.0, log_to_driver: bool = True) -> None:
+                 ready_timeout_s: float = 180.0, log_to_driver: bool = True, admin_token: str | None = None) -> None:
         if settings.port == 0:
             settings = settings.model_copy(update={"port": find_free_port(settings.host)})
         self.settings = settings
@@ -69,6 +76,9 @@ class LocalServe:
         self.num_cpus = num_cpus
         self.ready_timeout_s = ready_timeout_s
         self.log_to_driver = log_to_driver
+        # The supervisor API's bearer token: given, from the environment, or generated for this run.
+        self.admin_token_generated = not (admin_token or os.environ.get(ADMIN_TOKEN_ENV))
+        self.admin_token = admin_token or os.environ.get(ADMIN_TOKEN_ENV) or secrets.token_urlsafe(32)
 
     @property
     def http_url(self) -> str:
@@ -88,8 +98,10 @@ class LocalServe:
         import ray
         from ray import serve
 
-        from services.app import build_app
+        from services.app import build_app, build_supervisor_app, supervisor_app_name
         from services.redis_setup import EmbeddedRedis
+        from services.supervisor import hash_admin_token
+        from services.supervisor_api import ROUTE_PREFIX
 
         application = build_app(self.settings)  # verifies the bundle before Ray starts
         if self.settings.redis.url is None:
@@ -109,6 +121,8 @@ class LocalServe:
             serve.start(http_options={"host": self.settings.host, "port": self.settings.port},
                         logging_config={"enable_access_log": False})
             serve.run(application, name=self.settings.app_name, route_prefix="/", blocking=False)
+            serve.run(build_supervisor_app(self.settings, hash_admin_token(self.admin_token)),
+                      name=supervisor_app_name(self.settings), route_prefix=ROUTE_PREFIX, blocking=False)
             self._wait_ready()
         except BaseException:
             self._shutdown()
@@ -152,17 +166,45 @@ class LocalServe:
         directory = state_dir()
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / RUNTIME_FILE
+        import ray
+
         data = {"http_url": self.http_url, "metrics_url": self.metrics_url, "redis_url": self.redis_url,
-                "pid": os.getpid(), **(extra or {})}
+                "pid": os.getpid(), "admin_token_file": self._write_admin_token(directory),
+                "settings_file": str(_write_private(directory / SETTINGS_FILE,
+                                                    self.settings.model_dump_json(indent=2) + "\n").resolve()),
+                "ray_address": ray.get_runtime_context().gcs_address if ray.is_initialized() else None,
+                # ray.init of a new local cluster sets RAY_AUTH_MODE=token (Ray 2.60); drivers that
+                # join by address must set the same mode to send the token.
+                "ray_auth_mode": os.environ.get("RAY_AUTH_MODE"),
+                "app_name": self.settings.app_name, **(extra or {})}
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(data, indent=2) + "\n")
         os.chmod(temporary, 0o600)
         os.replace(temporary, path)
         return path
 
+    def _write_admin_token(self, directory: Path) -> str | None:
+        """Write a generated admin token owner-only and return its path; None for a given token."""
+        if not self.admin_token_generated:
+            return None
+        return str(_write_private(directory / ADMIN_TOKEN_FILE, self.admin_token + "\n").resolve())
+
     @staticmethod
     def remove_runtime() -> None:
-        try:
-            (state_dir() / RUNTIME_FILE).unlink()
-        except FileNotFoundError:
-            pass
+        """Remove runtime.json and the files written with it (settings, admin token, drill faults)."""
+        for name in (RUNTIME_FILE, SETTINGS_FILE, ADMIN_TOKEN_FILE, FAULTS_FILE):
+            try:
+                (state_dir() / name).unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _write_private(path: Path, text: str) -> Path:
+    """Write `text` to a file readable by its owner only (created 0600, never wider)."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    os.chmod(temporary, 0o600)
+    os.replace(temporary, path)
+    return path

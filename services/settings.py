@@ -148,7 +148,7 @@ class SupervisorSettings(_Strict):
     step_windows: int = Field(1, ge=1, description="Passed windows needed before the next canary step.")
     min_agreement: float = Field(0.9, ge=0, le=1, description="Lowest shadow agreement of mixture and dense predictions (0..1).")
     max_error_rate: float = Field(0.05, ge=0, le=1, description="Highest share of expert rows that failed or timed out (0..1).")
-    max_p99_latency_s: float = Field(1.0, gt=0, description="Highest p99 router latency per request, in seconds.")
+    max_p99_latency_s: float = Field(2.0, gt=0, description="Highest p99 router latency per request, in seconds.")
     min_accuracy: float | None = Field(
         None, ge=0, le=1, description="Lowest online accuracy from `/v1/feedback` labels; unset reports without checking."
     )
