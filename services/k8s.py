@@ -28,19 +28,27 @@ __all__ = [
     "ClusterSettings",
     "RenderError",
     "RenderedFile",
+    "SUPERVISOR_IMPORT_PATH",
     "WorkerGroupSettings",
     "application_deployments",
     "load_cluster_settings",
     "render_manifests",
     "render_serve_config",
+    "supervisor_application",
     "write_manifests",
 ]
 
 APP_IMPORT_PATH = "services.app:app_builder"
+SUPERVISOR_IMPORT_PATH = "services.app:supervisor_app_builder"
+# Serve options that `services.app.build_supervisor_app` sets in code for its one deployment.
+SUPERVISOR_OPTIONS = {"num_replicas": 1, "max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 0.05},
+                      "health_check_period_s": 5.0}
 DEFAULT_CLUSTER_FILE = Path("k8s/config/cluster.yaml")
 DEFAULT_ALERTS_FILE = Path(__file__).resolve().parents[1] / "monitoring" / "prometheus" / "alerts.yaml"
 REDIS_SECRET_KEY = "password"
 REDIS_PASSWORD_ENV = "REDIS_PASSWORD"
+ADMIN_SECRET_KEY = "token"
+ADMIN_TOKEN_ENV = "SWITCHYARD_ADMIN_TOKEN"
 SERVE_PORT = 8000
 METRICS_PORT = 8080
 # Seconds a worker pod may take to stop beyond the longest graceful shutdown of a Serve
@@ -94,6 +102,7 @@ class RedisClusterSettings(_Strict):
     storage: str = Field("1Gi", description="Size of the persistent volume claim.")
     storage_class: str | None = Field(None, description="StorageClass of the claim; the cluster default when unset.")
     secret_name: str = Field("switchyard-redis", description="Secret with the Redis password under key `password`.")
+    service_name: str = Field("switchyard-redis", description="Service and StatefulSet name of Redis.")
 
 
 class OverlaySettings(_Strict):
@@ -105,6 +114,11 @@ class OverlaySettings(_Strict):
     dev_redis_password: str | None = Field(
         None,
         description="Generate the Redis Secret with this password (development clusters only); "
+        "unset means the Secret must exist before the overlay is applied.",
+    )
+    dev_admin_token: str | None = Field(
+        None,
+        description="Generate the admin-token Secret with this token (development clusters only); "
         "unset means the Secret must exist before the overlay is applied.",
     )
 
@@ -121,6 +135,9 @@ class ClusterSettings(_Strict):
     prometheus_labels: dict[str, str] = Field(
         default_factory=dict,
         description="Labels the Prometheus operator selects PodMonitors and PrometheusRules by.",
+    )
+    admin_secret_name: str = Field(
+        "switchyard-admin", description="Secret with the supervisor API's bearer token under key `token`."
     )
     head: HeadSettings = Field(default_factory=HeadSettings)
     redis: RedisClusterSettings = Field(default_factory=RedisClusterSettings)
@@ -211,13 +228,32 @@ def render_serve_config(settings: Settings, num_experts: int) -> dict[str, Any]:
         "args": settings.model_dump(mode="json"),
         "deployments": deployments,
     }
+    supervisor = supervisor_application(settings)
     return {
         "proxy_location": "EveryNode",
         # Pods receive traffic from Services on their pod IP, so the proxy listens on every
         # interface there, whatever `host` a local run uses.
         "http_options": {"host": "0.0.0.0", "port": settings.port},
         "logging_config": {"enable_access_log": False},
-        "applications": [application],
+        "applications": [application, supervisor],
+    }
+
+
+def supervisor_application(settings: Settings) -> dict[str, Any]:
+    """Build the Serve config of the supervisor application that `switchyard serve` runs beside the router.
+
+    Its builder reads the admin token from `SWITCHYARD_ADMIN_TOKEN`, which the pods get
+    from the admin Secret.
+    """
+    from services.app import SUPERVISOR_DEPLOYMENT, supervisor_app_name
+    from services.supervisor_api import ROUTE_PREFIX
+
+    return {
+        "name": supervisor_app_name(settings),
+        "route_prefix": ROUTE_PREFIX,
+        "import_path": SUPERVISOR_IMPORT_PATH,
+        "args": settings.model_dump(mode="json"),
+        "deployments": [{"name": SUPERVISOR_DEPLOYMENT, **SUPERVISOR_OPTIONS}],
     }
 
 
@@ -232,6 +268,13 @@ def _labels(cluster: ClusterSettings, component: str) -> dict[str, str]:
 def _redis_password_env(cluster: ClusterSettings) -> dict[str, Any]:
     return {"name": REDIS_PASSWORD_ENV,
             "valueFrom": {"secretKeyRef": {"name": cluster.redis.secret_name, "key": REDIS_SECRET_KEY}}}
+
+
+def _ray_pod_env(cluster: ClusterSettings) -> list[dict[str, Any]]:
+    """Secrets every Ray pod needs: Ray workers inherit the pod's environment, so replicas read them."""
+    admin_token = {"name": ADMIN_TOKEN_ENV,
+                   "valueFrom": {"secretKeyRef": {"name": cluster.admin_secret_name, "key": ADMIN_SECRET_KEY}}}
+    return [_redis_password_env(cluster), admin_token]
 
 
 def _termination_grace_period_s(serve_config: dict[str, Any]) -> int:
@@ -255,7 +298,7 @@ def _head_group(cluster: ClusterSettings) -> dict[str, Any]:
                 "containers": [{
                     "name": "ray-head",
                     "image": cluster.image,
-                    "env": [_redis_password_env(cluster)],
+                    "env": _ray_pod_env(cluster),
                     "ports": [
                         {"name": "gcs-server", "containerPort": 6379},
                         {"name": "dashboard", "containerPort": 8265},
@@ -283,7 +326,7 @@ def _worker_group(cluster: ClusterSettings, group: WorkerGroupSettings, grace_pe
         "containers": [{
             "name": "ray-worker",
             "image": cluster.image,
-            "env": [_redis_password_env(cluster)],
+            "env": _ray_pod_env(cluster),
             "ports": [
                 {"name": "serve", "containerPort": SERVE_PORT},
                 {"name": "metrics", "containerPort": METRICS_PORT},
@@ -368,7 +411,7 @@ def render_rayservice(cluster: ClusterSettings, overlay_name: str, overlay: Over
                 # The GCS keeps its tables in Redis, so a restarted head pod recovers the
                 # cluster state while running Serve replicas keep serving requests.
                 "gcsFaultToleranceOptions": {
-                    "redisAddress": f"{_redis_name(cluster)}:6379",
+                    "redisAddress": f"{cluster.redis.service_name}:6379",
                     "redisPassword": {"valueFrom": {"secretKeyRef": {"name": cluster.redis.secret_name,
                                                                      "key": REDIS_SECRET_KEY}}},
                 },
@@ -383,12 +426,8 @@ def render_rayservice(cluster: ClusterSettings, overlay_name: str, overlay: Over
 # Base: namespace, Redis, monitoring
 
 
-def _redis_name(cluster: ClusterSettings) -> str:
-    return f"{cluster.name}-redis"
-
-
 def _redis_objects(cluster: ClusterSettings) -> list[dict[str, Any]]:
-    name = _redis_name(cluster)
+    name = cluster.redis.service_name
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": cluster.name}
     service = {
         "apiVersion": "v1",
@@ -512,16 +551,21 @@ def _kustomization(**fields: Any) -> dict[str, Any]:
 
 def _overlay_kustomization(cluster: ClusterSettings, overlay: OverlaySettings) -> dict[str, Any]:
     fields: dict[str, Any] = {"namespace": cluster.namespace, "resources": ["../../base", "rayservice.yaml"]}
+    secrets = []
     if overlay.dev_redis_password is not None:
-        fields["secretGenerator"] = [{"name": cluster.redis.secret_name,
-                                      "literals": [f"{REDIS_SECRET_KEY}={overlay.dev_redis_password}"]}]
-        # A fixed name: KubeRay's RayService is a custom resource, so Kustomize would not
-        # rewrite a hashed Secret name inside it.
+        secrets.append({"name": cluster.redis.secret_name,
+                        "literals": [f"{REDIS_SECRET_KEY}={overlay.dev_redis_password}"]})
+    if overlay.dev_admin_token is not None:
+        secrets.append({"name": cluster.admin_secret_name, "literals": [f"{ADMIN_SECRET_KEY}={overlay.dev_admin_token}"]})
+    if secrets:
+        fields["secretGenerator"] = secrets
+        # Fixed names: KubeRay's RayService is a custom resource, so Kustomize would not
+        # rewrite hashed Secret names inside it.
         fields["generatorOptions"] = {"disableNameSuffixHash": True}
     if overlay.redis_storage is not None:
         patch = [{"op": "replace", "path": "/spec/volumeClaimTemplates/0/spec/resources/requests/storage",
                   "value": overlay.redis_storage}]
-        fields["patches"] = [{"target": {"kind": "StatefulSet", "name": _redis_name(cluster)},
+        fields["patches"] = [{"target": {"kind": "StatefulSet", "name": cluster.redis.service_name},
                               "patch": _to_yaml(patch)}]
     return _kustomization(**fields)
 

@@ -43,8 +43,8 @@ def _serve_config(rayservice: dict) -> dict:
     return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
 
 
-def _deployments(rayservice: dict) -> dict[str, dict]:
-    (application,) = _serve_config(rayservice)["applications"]
+def _deployments(rayservice: dict, application_index: int = 0) -> dict[str, dict]:
+    application = _serve_config(rayservice)["applications"][application_index]
     return {deployment["name"]: deployment for deployment in application["deployments"]}
 
 
@@ -81,12 +81,27 @@ def test_committed_manifests_match_render(rendered):
 
 def test_serve_config_runs_app_builder_with_settings(rendered):
     rayservice = _rayservice(rendered, "prod-gpu")
-    (application,) = _serve_config(rayservice)["applications"]
+    (application, supervisor) = _serve_config(rayservice)["applications"]
     settings = load_settings(REPO / "k8s" / "config" / "production.yaml")
 
     assert application["import_path"] == "services.app:app_builder"
     assert application["name"] == settings.app_name
+    assert application["route_prefix"] == "/"
     assert application["args"] == settings.model_dump(mode="json")
+    assert supervisor["import_path"] == "services.app:supervisor_app_builder"
+    assert supervisor["name"] == f"{settings.app_name}-supervisor"
+    assert supervisor["route_prefix"] == "/v1/supervisor"
+    assert supervisor["args"] == settings.model_dump(mode="json")
+
+
+def test_pods_get_secrets_from_env(rendered):
+    cluster = _rayservice(rendered, "prod-gpu")["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [group["template"] for group in cluster["workerGroupSpecs"]]
+
+    for pod in pods:
+        env = {entry["name"]: entry["valueFrom"]["secretKeyRef"] for entry in pod["spec"]["containers"][0]["env"]}
+        assert env["REDIS_PASSWORD"] == {"name": "switchyard-redis", "key": "password"}
+        assert env["SWITCHYARD_ADMIN_TOKEN"] == {"name": "switchyard-admin", "key": "token"}
 
 
 def test_prod_experts_have_own_gpu_autoscaling(rendered):
@@ -349,7 +364,7 @@ def test_kustomize_build_validates(rendered, tmp_path, overlay):
     assert all(document["metadata"]["namespace"] == "switchyard"
                for document in _documents(tmp_path / "built.yaml") if document["kind"] != "Namespace")
     assert kinds.count("RayService") == 1
-    assert ("Secret" in kinds) == (overlay == "dev-cpu")
+    assert kinds.count("Secret") == (2 if overlay == "dev-cpu" else 0)
 
 
 # ---------------------------------------------------------------------------------------
