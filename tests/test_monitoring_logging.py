@@ -170,3 +170,33 @@ def test_summarize_rows_of_dense_request():
     assert summary.experts_per_row == []
     assert summary.gate_confidence == []
     assert dict(summary.fallbacks) == {"requested": 3}
+
+
+def test_expert_failures_warn_once_per_expert(log_stream):
+    from monitoring.metrics import router_metrics
+    from services.dispatch import ExpertCallRecord
+    from services.router_telemetry import RouterTelemetry
+
+    now = [0.0]
+    telemetry = RouterTelemetry(router_metrics(), get_logger("router"),
+                                RateLimitedWarning(interval_s=30.0, clock=lambda: now[0]))
+
+    def failed_call(expert: int, request_ids: list[str]) -> ExpertCallRecord:
+        return ExpertCallRecord(expert=expert, rows=len(request_ids), duration_s=0.01, status="error",
+                                error=RuntimeError("injected fault"), request_ids=request_ids)
+
+    telemetry.observe_expert_call(failed_call(1, ["a", "b"]))
+    telemetry.observe_expert_call(failed_call(1, ["c"]))
+    telemetry.observe_expert_call(failed_call(2, ["d"]))
+    telemetry.observe_expert_call(ExpertCallRecord(expert=3, rows=1, duration_s=0.01, status="ok", error=None,
+                                                   request_ids=["e"]))
+    now[0] = 31.0
+    telemetry.observe_expert_call(failed_call(1, ["f"]))
+
+    lines = parsed_lines(log_stream)
+    assert [line["event"] for line in lines] == ["expert_call_failed"] * 3
+    assert [line["expert"] for line in lines] == [1, 2, 1]
+    assert [line["request_ids"] for line in lines] == [["a", "b"], ["d"], ["f"]]
+    assert [line["suppressed"] for line in lines] == [0, 0, 1]
+    assert lines[0]["kind"] == "error"
+    assert "injected fault" in lines[0]["error"]
