@@ -1,7 +1,7 @@
 """`switchyard supervisor ...` (the supervisor API from the shell) and `switchyard drill`.
 
 Both find the running server through `runtime.json` in the state directory unless
-options say otherwise: `supervisor` takes the HTTP address and the admin-token file,
+options point elsewhere: `supervisor` takes the HTTP address and the admin-token file,
 and `drill` takes the Ray address and the settings that `serve` deployed.
 """
 

@@ -1,4 +1,4 @@
-"""What a router replica does for the supervisor: follow the policy and report quality.
+"""The router replica's part of the quality loop: follow the policy and report quality.
 
 `RouterSupervision` bundles a router replica's `PolicyCache` (which path each request
 takes), `QualityRecorder` (counts flushed to Redis in the background), the
@@ -69,7 +69,7 @@ class RouterSupervision:
 
     def observe(self, request_id: str, inputs: np.ndarray, predictions: Sequence[int], row_reasons: Sequence[str],
                 confidence: Sequence[float], latency_s: float, policy_version: int) -> None:
-        """Record an answered request and maybe start its shadow comparison; never waits."""
+        """Record a finished request and maybe start its shadow comparison; never waits."""
         self.recorder.record_request(request_id, policy_version, row_reasons, confidence, predictions, latency_s)
         self.shadow.maybe_shadow(request_id, inputs, predictions, row_reasons, policy_version)
 
