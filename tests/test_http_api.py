@@ -25,6 +25,13 @@ def post_json(client, document):
     return client.post("/v1/predict", json=document)
 
 
+def error_of(response):
+    """The error object of a JSON or msgpack error response."""
+    if response.headers["content-type"].startswith("application/msgpack"):
+        return msgpack.unpackb(response.content, raw=False)["error"]
+    return response.json()["error"]
+
+
 def assert_still_answers(client, digits):
     response = post_json(client, {"inputs": digits.test.x[:1].tolist()})
     assert response.status_code == 200
@@ -104,8 +111,8 @@ def test_bad_input_gets_4xx_and_server_keeps_answering(client, digits, content, 
     response = client.post("/v1/predict", content=content, headers=headers)
 
     assert response.status_code == status
-    assert response.json()["error"]["code"] == code
-    assert response.json()["error"]["message"]
+    assert error_of(response)["code"] == code
+    assert error_of(response)["message"]
     assert_still_answers(client, digits)
 
 
@@ -116,7 +123,7 @@ def test_bad_row_rejects_whole_batch_naming_it(client, digits):
     response = post_json(client, {"inputs": rows})
 
     assert response.status_code == 422
-    assert response.json()["error"]["field"] == "inputs[3]"
+    assert error_of(response)["field"] == "inputs[3]"
 
 
 def test_oversized_body_is_413(client, digits, served_app):
@@ -127,7 +134,7 @@ def test_oversized_body_is_413(client, digits, served_app):
     response = client.post("/v1/predict", content=body, headers=MSGPACK_HEADERS)
 
     assert response.status_code == 413
-    assert response.json()["error"]["code"] == "body_too_large"
+    assert error_of(response)["code"] == "body_too_large"
     assert_still_answers(client, digits)
 
 
