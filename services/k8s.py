@@ -4,8 +4,11 @@
 and one overlay per cluster kind, each with a complete RayService. The RayService's
 `serveConfigV2` is built from a validated `Settings` object: the application runs
 `services.app:app_builder` with the settings mapping as `args`, exactly as
-`switchyard serve` runs `build_app(settings)`, and each deployment's options come from
-the same `ReplicaSettings.deployment_options()` that `build_app` applies in code.
+`switchyard serve` runs `build_app(settings)`. The router, expert and dense options come
+from the same `ReplicaSettings.deployment_options()` that `build_app` applies in code.
+The queue worker's and the supervisor's options are repeated here, and
+tests/test_k8s_autoscaling.py compares all of them with the applications that
+`services.app` builds.
 
 Cluster topology (image, worker groups, GPUs, Redis storage) is not part of `Settings`;
 it comes from a cluster file, `k8s/config/cluster.yaml` by default.
@@ -49,7 +52,6 @@ REDIS_SECRET_KEY = "password"
 REDIS_PASSWORD_ENV = "REDIS_PASSWORD"
 ADMIN_SECRET_KEY = "token"
 ADMIN_TOKEN_ENV = "SWITCHYARD_ADMIN_TOKEN"
-SERVE_PORT = 8000
 METRICS_PORT = 8080
 # Seconds a worker pod may take to stop beyond the longest graceful shutdown of a Serve
 # deployment: time for Ray to stop its processes after the replicas have drained.
@@ -286,7 +288,7 @@ def _termination_grace_period_s(serve_config: dict[str, Any]) -> int:
     return math.ceil(longest) + TERMINATION_MARGIN_S
 
 
-def _head_group(cluster: ClusterSettings) -> dict[str, Any]:
+def _head_group(cluster: ClusterSettings, serve_port: int) -> dict[str, Any]:
     resources = {"cpu": _quantity(cluster.head.cpus), "memory": cluster.head.memory}
     return {
         # num-cpus 0 keeps Serve replicas off the head, so losing a worker never takes the
@@ -303,7 +305,7 @@ def _head_group(cluster: ClusterSettings) -> dict[str, Any]:
                         {"name": "gcs-server", "containerPort": 6379},
                         {"name": "dashboard", "containerPort": 8265},
                         {"name": "client", "containerPort": 10001},
-                        {"name": "serve", "containerPort": SERVE_PORT},
+                        {"name": "serve", "containerPort": serve_port},
                         {"name": "metrics", "containerPort": METRICS_PORT},
                     ],
                     "resources": {"requests": resources, "limits": resources},
@@ -313,7 +315,8 @@ def _head_group(cluster: ClusterSettings) -> dict[str, Any]:
     }
 
 
-def _worker_group(cluster: ClusterSettings, group: WorkerGroupSettings, grace_period_s: int) -> dict[str, Any]:
+def _worker_group(cluster: ClusterSettings, group: WorkerGroupSettings, grace_period_s: int,
+                  serve_port: int) -> dict[str, Any]:
     resources: dict[str, Any] = {"cpu": _quantity(group.cpus), "memory": group.memory}
     tolerations = list(group.tolerations)
     if group.gpus:
@@ -328,7 +331,7 @@ def _worker_group(cluster: ClusterSettings, group: WorkerGroupSettings, grace_pe
             "image": cluster.image,
             "env": _ray_pod_env(cluster),
             "ports": [
-                {"name": "serve", "containerPort": SERVE_PORT},
+                {"name": "serve", "containerPort": serve_port},
                 {"name": "metrics", "containerPort": METRICS_PORT},
             ],
             "resources": {"requests": resources, "limits": resources},
@@ -336,7 +339,7 @@ def _worker_group(cluster: ClusterSettings, group: WorkerGroupSettings, grace_pe
             # deployments running and Redis reachable), so the serve Service only sends
             # traffic to pods once the application is ready.
             "readinessProbe": {
-                "httpGet": {"path": "/readyz", "port": SERVE_PORT},
+                "httpGet": {"path": "/readyz", "port": serve_port},
                 "initialDelaySeconds": 10,
                 "periodSeconds": 5,
                 "timeoutSeconds": 3,
@@ -415,8 +418,9 @@ def render_rayservice(cluster: ClusterSettings, overlay_name: str, overlay: Over
                     "redisPassword": {"valueFrom": {"secretKeyRef": {"name": cluster.redis.secret_name,
                                                                      "key": REDIS_SECRET_KEY}}},
                 },
-                "headGroupSpec": _head_group(cluster),
-                "workerGroupSpecs": [_worker_group(cluster, group, grace_period_s) for group in overlay.workers],
+                "headGroupSpec": _head_group(cluster, settings.port),
+                "workerGroupSpecs": [_worker_group(cluster, group, grace_period_s, settings.port)
+                                     for group in overlay.workers],
             },
         },
     }
