@@ -24,7 +24,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 @k8s_app.command()
 def render(
-    out: Path = typer.Option(Path("k8s"), envvar="SWITCHYARD_OUT", help="Directory that receives base/ and overlays/."),
+    out: Path = typer.Option(Path("k8s"), help="Directory that receives base/ and overlays/."),
     config: Optional[Path] = typer.Option(
         None, envvar="SWITCHYARD_CONFIG",
         help="Settings file (as for `switchyard serve --config`) for every rendered overlay "
@@ -52,7 +52,8 @@ def validate(
         None, envvar="SWITCHYARD_CRD_DIR",
         help="Directory with CustomResourceDefinition files (KubeRay, Prometheus operator) for custom resources.",
     ),
-    kubernetes_version: str = typer.Option("1.30", help="Kubernetes version whose core schemas are used."),
+    kubernetes_version: str = typer.Option(
+        "1.30", help="Kubernetes version (major.minor) whose core schemas check the built-in kinds."),
     allow_unchecked: bool = typer.Option(
         False, "--allow-unchecked", help="Exit 0 even when some documents could not be checked (no schema)."),
     json_output: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),

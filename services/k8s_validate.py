@@ -421,6 +421,24 @@ def validate_document(document: Any, path: Path, registry: CrdRegistry,
     return CheckResult(label, kind, name, check, status, problems)
 
 
+def _minor_version(version: str) -> tuple[int, int] | None:
+    parts = version.lstrip("v").split(".")
+    if len(parts) < 2 or not parts[0].isdigit() or not parts[1].isdigit():
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def _check_kubernetes_version(kubernetes_version: str) -> None:
+    from kubernetes_validate.utils import all_versions
+
+    known = sorted({_minor_version(version) for version in all_versions()})
+    requested = _minor_version(kubernetes_version)
+    if requested is None or not known[0] <= requested <= known[-1]:
+        first, last = (".".join(map(str, version)) for version in (known[0], known[-1]))
+        raise ValidationSetupError(f"no schemas for Kubernetes {kubernetes_version!r} in kubernetes-validate; "
+                                   f"choose a major.minor version from {first} to {last}")
+
+
 def validate_directory(directory: str | Path, crd_dir: str | Path | None = None,
                        kubernetes_version: str = DEFAULT_KUBERNETES_VERSION) -> list[CheckResult]:
     """Check every document of every .yaml/.yml file under `directory`.
@@ -429,6 +447,7 @@ def validate_directory(directory: str | Path, crd_dir: str | Path | None = None,
         ValidationSetupError: `directory` or `crd_dir` does not exist, or `directory` contains no YAML file.
     """
     directory = Path(directory)
+    _check_kubernetes_version(kubernetes_version)
     if not directory.is_dir():
         raise ValidationSetupError(f"manifest directory {directory} not found; render it first with "
                                    f"`switchyard k8s render --out {directory}`")

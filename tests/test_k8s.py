@@ -71,7 +71,10 @@ def _results_by_status(results, status):
 def test_committed_manifests_match_render(rendered):
     """The files under k8s/ are exactly what `switchyard k8s render` produces now."""
     produced = sorted(path.relative_to(rendered) for path in rendered.rglob("*.yaml"))
+    committed_files = sorted(path.relative_to(REPO / "k8s") for folder in ("base", "overlays")
+                             for path in (REPO / "k8s" / folder).rglob("*.yaml"))
     assert produced, "render wrote no files"
+    assert committed_files == produced, "k8s/base or k8s/overlays contains files that render no longer writes"
     for relative in produced:
         committed = REPO / "k8s" / relative
         assert committed.is_file(), f"k8s/{relative} is missing; run `switchyard k8s render`"
@@ -394,6 +397,13 @@ def test_cli_validate_fails_when_unchecked(rendered):
     assert strict.exit_code == 1
     assert "\"not_checked\": 5" in strict.stdout
     assert allowed.exit_code == 0, allowed.output
+
+
+def test_cli_validate_rejects_unknown_kubernetes_version(rendered):
+    result = CliRunner().invoke(cli_app, ["k8s", "validate", str(rendered), "--kubernetes-version", "1.9"])
+
+    assert result.exit_code == 2
+    assert "no schemas for Kubernetes '1.9'" in result.output
 
 
 def test_cli_validate_missing_directory(tmp_path):
