@@ -27,12 +27,13 @@ def render(
     out: Path = typer.Option(Path("k8s"), help="Directory that receives base/ and overlays/."),
     config: Optional[Path] = typer.Option(
         None, envvar="SWITCHYARD_CONFIG",
-        help="Settings file (as for `switchyard serve --config`) for every rendered overlay "
-             "[default: each overlay's file from the cluster file].",
+        help="Settings file (as for `switchyard serve --config`) for every rendered overlay; "
+             "unset uses each overlay's own settings file from the cluster file.",
     ),
     cluster: Path = typer.Option(Path("k8s/config/cluster.yaml"), envvar="SWITCHYARD_CLUSTER",
                                  help="Cluster file: image, worker groups, GPUs, overlays."),
-    overlay: Optional[list[str]] = typer.Option(None, "--overlay", help="Name of an overlay to render (repeat the option for several); all overlays when unset."),
+    overlay: Optional[list[str]] = typer.Option(
+        None, "--overlay", help="Name of an overlay to render (repeat the option for several); all overlays when unset."),
 ) -> None:
     """Write the Kustomize base and overlays, with a RayService rendered from the settings."""
     from services.k8s import RenderError, render_manifests, write_manifests

@@ -560,7 +560,8 @@ def _overlay_kustomization(cluster: ClusterSettings, overlay: OverlaySettings) -
         secrets.append({"name": cluster.redis.secret_name,
                         "literals": [f"{REDIS_SECRET_KEY}={overlay.dev_redis_password}"]})
     if overlay.dev_admin_token is not None:
-        secrets.append({"name": cluster.admin_secret_name, "literals": [f"{ADMIN_SECRET_KEY}={overlay.dev_admin_token}"]})
+        secrets.append({"name": cluster.admin_secret_name,
+                        "literals": [f"{ADMIN_SECRET_KEY}={overlay.dev_admin_token}"]})
     if secrets:
         fields["secretGenerator"] = secrets
         # Fixed names: KubeRay's RayService is a custom resource, so Kustomize would not
