@@ -9,7 +9,7 @@ A window's verdict is
 - `fail` when any checked metric with at least `min_samples` samples breaks its
   threshold (one clear failure is enough, even if other metrics lack samples),
 - `inconclusive` when no metric fails but a checked metric has fewer than
-  `min_samples` samples, so the window says nothing either way,
+  `min_samples` samples, so the window decides nothing either way,
 - `pass` otherwise.
 """
 
@@ -43,8 +43,8 @@ class WindowCounts:
     """
 
     requests: int = 0
-    moe_requests: int = 0  # requests with at least one row answered by experts
-    expert_rows: int = 0  # rows routed to experts: answered, failed or timed out
+    moe_requests: int = 0  # requests with at least one row served by experts
+    expert_rows: int = 0  # rows routed to experts: served, failed or timed out
     expert_errors: int = 0  # rows whose expert call raised
     expert_timeouts: int = 0  # rows whose expert call timed out
     fallbacks: dict[str, int] = field(default_factory=dict)  # dense rows by reason

@@ -77,7 +77,7 @@ class QualityRecorder:
 
     def record_request(self, request_id: str, policy_version: int, row_reasons: Sequence[str],
                        confidence: Sequence[float], predictions: Sequence[int], latency_s: float) -> None:
-        """Count one answered request and keep its predictions for feedback."""
+        """Count one finished request and keep its predictions for feedback."""
         counts = self._window(policy_version)
         counts.requests += 1
         counts.latencies_s.append(latency_s)
@@ -178,7 +178,7 @@ class QualityRecorder:
 
 
 class ShadowEvaluator:
-    """Compares mixture answers with dense on a share of requests, off the response path.
+    """Compares mixture predictions with dense on a share of requests, off the response path.
 
     `maybe_shadow` returns at once; the dense call runs in a task. At most
     `max_in_flight` shadow calls run per replica, and requests beyond that are not

@@ -43,7 +43,7 @@ def hash_admin_token(token: str) -> str:
 
 
 def state_for_weight(moe_weight: float) -> str:
-    """The unpaused state that matches a traffic share: dense at 0, moe at 1, canary between."""
+    """Return the unpaused state for a traffic share: dense at 0, moe at 1, canary between."""
     if moe_weight <= _WEIGHT_EPSILON:
         return "dense"
     if moe_weight >= 1.0 - _WEIGHT_EPSILON:
@@ -66,9 +66,9 @@ class SupervisorCore:
     2. Evaluate the window (`monitoring.quality.evaluate_window`).
     3. Unless paused: in `moe`, `failed_windows` consecutive failures move all traffic
        to `dense`. In `dense`, after `cooldown_s` the ramp-back starts as `canary` at
-       `step_weight`. In `canary`, one failed window goes back to `dense`, and
+       `step_weight`. In `canary`, one failed window goes back to `dense`. There
        `step_windows` passed windows raise the share by `step_weight` up to
-       `max_weight`; a passed step at `max_weight` promotes to `moe`.
+       `max_weight`, and a passed step at `max_weight` promotes to `moe`.
 
     Every change is a compare-and-set on the policy version with its event in the same
     Lua script (`PolicyStore.transition`), so a second supervisor process during a
@@ -130,6 +130,8 @@ class SupervisorCore:
 
     async def _save_window(self, cursor: str, counts: WindowCounts, verdict: Verdict, policy: PolicySnapshot,
                            now: float) -> None:
+        # NOTE: an inconclusive window carries over with no age limit, so under very low traffic a
+        # window can span a long time before it reaches min_samples.
         carry = msgpack.packb(counts.to_dict(), use_bin_type=True) if verdict.result == "inconclusive" else b""
         await self.redis.hset(self.keys.window, mapping={
             "cursor": cursor,

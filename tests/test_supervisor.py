@@ -279,3 +279,13 @@ async def test_status_reports_window_against_thresholds(core, recorder):
     assert status["window"]["agreement"] == {"value": 0.75, "threshold": 0.9, "ok": False, "samples": 40}
     assert status["verdict"] == "fail"
     assert status["traffic"]["requests"] == 40
+
+
+def test_settings_reject_step_above_max_weight():
+    with pytest.raises(ValueError, match=r"step_weight \(0.6\) must be <= max_weight \(0.5\)"):
+        SupervisorSettings(step_weight=0.6, max_weight=0.5)
+
+
+def test_settings_reject_flush_slower_than_interval():
+    with pytest.raises(ValueError, match=r"flush_interval_s \(5.0 s\) must be shorter than interval_s"):
+        SupervisorSettings(interval_s=5.0, flush_interval_s=5.0)
