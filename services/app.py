@@ -2,7 +2,8 @@
 
 `build_app(settings)` is used by `switchyard serve`; `app_builder(args)` is the import
 path for Serve config files and KubeRay (`import_path: services.app:app_builder`),
-taking the same settings as a mapping.
+taking the same settings as a mapping. The supervisor is a second application
+(`build_supervisor_app`, `supervisor_app_builder`) under the route `/v1/supervisor`.
 """
 
 from __future__ import annotations

@@ -125,20 +125,22 @@ def _report(result: dict[str, Any], json_output: bool) -> None:
 @supervisor_app.command()
 def status(
     url: Optional[str] = typer.Option(None, envvar="SWITCHYARD_URL", help=_URL_HELP),
+    token: Optional[str] = typer.Option(None, help="Admin token; reads need none, so it is only passed on."),
     json_output: bool = typer.Option(False, "--json", help="Print the status as JSON."),
 ) -> None:
     """Show the state, the traffic split and the last window against its thresholds."""
-    _report(_call("GET", _base_url(url), "status"), json_output)
+    _report(_call("GET", _base_url(url), "status", token=token), json_output)
 
 
 @supervisor_app.command()
 def events(
     limit: int = typer.Option(20, min=1, max=1000, help="Number of newest events to show."),
     url: Optional[str] = typer.Option(None, envvar="SWITCHYARD_URL", help=_URL_HELP),
+    token: Optional[str] = typer.Option(None, help="Admin token; reads need none, so it is only passed on."),
     json_output: bool = typer.Option(False, "--json", help="Print the events as JSON."),
 ) -> None:
     """List the newest policy changes, oldest first."""
-    result = _call("GET", _base_url(url), "events", params={"limit": limit})
+    result = _call("GET", _base_url(url), "events", token=token, params={"limit": limit})
     if json_output:
         _print_json(result)
         return

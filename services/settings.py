@@ -145,7 +145,9 @@ class SupervisorSettings(_Strict):
     cooldown_s: float = Field(30.0, ge=0, description="Seconds in `dense` before the ramp-back starts.")
     step_weight: float = Field(0.25, gt=0, le=1, description="Share of traffic added to the mixture per canary step (0..1).")
     max_weight: float = Field(0.75, gt=0, le=1, description="Largest canary share; a passed step at this share promotes to `moe`.")
-    step_windows: int = Field(1, ge=1, description="Passed windows needed before the next canary step.")
+    step_windows: int = Field(
+        2, ge=1, description="Consecutive passed windows needed before the next canary step; more make a false pass rarer."
+    )
     min_agreement: float = Field(0.9, ge=0, le=1, description="Lowest shadow agreement of mixture and dense predictions (0..1).")
     max_error_rate: float = Field(0.05, ge=0, le=1, description="Highest share of expert rows that failed or timed out (0..1).")
     max_p99_latency_s: float = Field(2.0, gt=0, description="Highest p99 router latency per request, in seconds.")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from typing import Any
 
 import msgpack
 
-from monitoring.logging import get_logger
+from monitoring.logging import RateLimitedWarning, get_logger
 from monitoring.quality import QualityThresholds, Verdict, WindowCounts, evaluate_window
 from services.policy_state import (
     POLICY_STATES,
@@ -100,6 +99,7 @@ class SupervisorCore:
             min_accuracy=settings.min_accuracy,
         )
         self.log = get_logger("supervisor")
+        self._tick_warnings = RateLimitedWarning(interval_s=30.0)
         self._lock = asyncio.Lock()
 
     # --- the window --------------------------------------------------------------------
@@ -237,7 +237,8 @@ class SupervisorCore:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - the loop must outlive Redis outages and bugs
-                self.log.error("tick_failed", error=repr(error))
+                self._tick_warnings.warn(self.log, "tick_failed", error=repr(error),
+                                         retry_in_s=self.settings.interval_s)
             elapsed_s = time.monotonic() - started
             await asyncio.sleep(max(self.settings.interval_s - elapsed_s, 0.0))
 

@@ -13,6 +13,7 @@ from services.settings import SupervisorSettings
 from services.supervisor import ActionRejected, SupervisorCore
 
 SETTINGS = SupervisorSettings(interval_s=5.0, failed_windows=2, cooldown_s=30.0, step_weight=0.25, max_weight=0.5,
+                              step_windows=1,
                               min_agreement=0.9, max_error_rate=0.05, max_p99_latency_s=1.0, min_samples=20)
 
 
@@ -167,6 +168,21 @@ async def test_ramp_back_after_cooldown(core, recorder, clock):
     assert promoted["state"] == "moe"
     assert promoted["moe_weight"] == 1.0
     assert [event["to"] for event in await core.events()] == ["dense", "canary", "canary", "moe"]
+
+
+async def test_canary_step_needs_step_windows_passes(redis, keys, clock, recorder):
+    core = SupervisorCore(redis, SETTINGS.model_copy(update={"step_windows": 2}), keys, clock=clock)
+    await core.rollback()
+    clock.advance(30.0)
+    step = await core.tick()
+    await send_window(recorder, version=step["policy_version"])
+    first_pass = await core.tick()
+    await send_window(recorder, version=step["policy_version"])
+    second_pass = await core.tick()
+
+    assert first_pass["moe_weight"] == 0.25
+    assert first_pass["event"] is None
+    assert second_pass["moe_weight"] == 0.5
 
 
 async def test_failed_canary_step_returns_to_dense(core, recorder, clock):
