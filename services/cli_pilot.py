@@ -46,7 +46,7 @@ def _percent(value: float | None) -> str:
 
 
 def format_pilot(report: dict[str, Any]) -> str:
-    """Human-readable summary of a pilot report."""
+    """Format a pilot report as a few human-readable lines."""
     lines = [
         f"Pilot on {report['dataset']}, mean of {report['seeds']} seeds "
         f"(chosen on validation, reported on test), {report['seconds']} s",

@@ -62,6 +62,7 @@ class MixtureTrainConfig:
     routing_temperature: float = 0.25
     routing_smoothing: float = 0.0
     distill_weight: float = 0.0
+    input_dropout: float = 0.0
     seed: int = 0
 
 
@@ -177,7 +178,7 @@ def train_mixture(
         gate.train()
         experts.train()
         for batch in _batches(len(y), config.batch_size, generator):
-            xb, yb = x[batch], y[batch]
+            xb, yb = _drop_inputs(x[batch], config.input_dropout, generator), y[batch]
             mixed, expert_probs, gate_probs, selection = mixture_forward(gate, experts, xb, train_routing)
             mixture_loss = F.nll_loss(torch.log(mixed.clamp_min(1e-9)), yb)
 

@@ -3,21 +3,24 @@
 The question it answers: at what compute does the mixture match the best dense model?
 
 Procedure, repeated for every seed (the seed sets both the data split and the weights):
-1. Train every dense MLP of the plan with early stopping on validation accuracy.
+0. Split the validation rows into two stratified halves: the stopping half for early
+   stopping and the selection half for every choice below.
+1. Train every dense MLP of the plan with early stopping on the stopping half.
 2. Train every mixture of the plan the same way. A mixture with `distill_weight` > 0
-   learns from the dense model with the best validation accuracy of that seed.
+   learns from the dense model with the best selection-half accuracy of that seed.
 3. Evaluate every mixture under every routing setting of the plan (top-p, min/max k,
    confidence floor) and, when the floor sends rows to dense, with every fallback
    model of the plan. Routing is swept on the trained weights, without retraining.
 
 Then, with accuracies and FLOPs averaged over the seeds:
-4. The best dense model is the one with the highest mean VALIDATION accuracy. A model
-   "matches" when its mean validation accuracy is within `MATCH_TOLERANCE` of it.
+4. The best dense model is the one with the highest mean selection-half accuracy
+   (`validation_accuracy` in the report). A model "matches" when its mean
+   selection-half accuracy is within `MATCH_TOLERANCE` of it.
 5. `dense_match_flops` belongs to the cheapest matching dense model and `moe_flops` to
    the cheapest matching mixture setting, so `moe_flops_ratio` compares like with like
    rather than against the largest dense model.
 6. Every reported accuracy is the mean TEST accuracy of the model or setting chosen on
-   validation; nothing is selected on the test split.
+   the selection half; nothing is selected on the test split.
 
 Every swept mixture is servable as it is: MLP experts, a gate with zero or one hidden
 layer, a `RoutingConfig` and a dense fallback are what the bundle manifest and the
@@ -41,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from experts.data import load_dataset
+from experts.data import Split, load_dataset
 from experts.models import MLP
 from router.policy import RoutingConfig, combine, select_experts
 from services.mixture import DenseTrainConfig, MixtureTrainConfig, evaluate_mixture, train_dense, train_mixture
@@ -73,7 +76,7 @@ _EPSILON = 1e-9
 class PilotPlan:
     """What the pilot trains and sweeps.
 
-    `fallbacks` are indices into `dense`: the dense models that answer the rows a
+    `fallbacks` are indices into `dense`: the dense models that predict the rows a
     confidence floor above 0 sends to dense. Their FLOPs count on those rows.
     """
 
@@ -95,7 +98,7 @@ class PilotPlan:
 
 def _routing_grid(top_ps: Sequence[float], ks: Sequence[tuple[int, int]],
                   floors: Sequence[float]) -> tuple[RoutingConfig, ...]:
-    """Every (top_p, (min_k, max_k), floor) combination; top_p is skipped when min_k = max_k."""
+    """Build every (top_p, (min_k, max_k), floor) combination, with one top_p when min_k = max_k."""
     settings = []
     for min_k, max_k in ks:
         for top_p in (top_ps if max_k > min_k else top_ps[:1]):
@@ -109,14 +112,15 @@ def _dense(*hidden: tuple[int, ...], input_dropout: float = 0.0) -> tuple[DenseT
 
 
 def _mixture(num_experts: int, expert_hidden: tuple[int, ...], gate_hidden: int, distill_weight: float,
-             routing_smoothing: float) -> MixtureTrainConfig:
+             routing_smoothing: float = 0.0, input_dropout: float = 0.0) -> MixtureTrainConfig:
     return MixtureTrainConfig(num_experts=num_experts, expert_hidden=expert_hidden, gate_hidden=gate_hidden,
                               distill_weight=distill_weight, routing_smoothing=routing_smoothing,
+                              input_dropout=input_dropout,
                               routing=RoutingConfig(top_p=0.6, min_k=1, max_k=1, confidence_floor=0.0))
 
 
 def full_plan() -> PilotPlan:
-    """The published sweep: nine dense MLPs and six mixture designs."""
+    """Return the published sweep: nine dense MLPs and eight mixture designs."""
     return PilotPlan(
         dense=(*_dense((32,), (64,), (128,), (256,), (256, 256), (512, 512)),
                *_dense((64,), (256,), (512, 512), input_dropout=0.2)),
@@ -127,6 +131,8 @@ def full_plan() -> PilotPlan:
             _mixture(4, (32,), 0, 1.0, 0.0),
             _mixture(8, (16,), 0, 1.0, 0.0),
             _mixture(4, (16,), 0, 1.0, 0.05),
+            _mixture(4, (16,), 0, 1.0, input_dropout=0.2),
+            _mixture(4, (32,), 0, 1.0, input_dropout=0.2),
         ),
         routings=_routing_grid(top_ps=(0.5, 0.7, 0.9), ks=((1, 1), (1, 2), (2, 2)),
                                floors=(0.0, 0.3, 0.4, 0.5, 0.6)),
@@ -135,16 +141,16 @@ def full_plan() -> PilotPlan:
 
 
 def quick_plan() -> PilotPlan:
-    """A smaller sweep that finishes within a few minutes on 2 CPU cores."""
+    """Return the `--quick` sweep: five dense MLPs, the two best mixture designs, shorter patience."""
     return PilotPlan(
-        dense=_dense((32,), (64,), (256,), (256, 256)),
+        dense=(*_dense((32,), (64,), (256,)), *_dense((64,), (256,), input_dropout=0.2)),
         mixtures=(
-            _mixture(4, (16,), 0, 1.0, 0.0),
-            _mixture(4, (16,), 0, 1.0, 0.05),
+            _mixture(4, (16,), 0, 1.0, input_dropout=0.2),
+            _mixture(4, (32,), 0, 1.0, input_dropout=0.2),
         ),
-        routings=_routing_grid(top_ps=(0.7,), ks=((1, 1), (1, 2)), floors=(0.0, 0.4, 0.5, 0.6)),
+        routings=_routing_grid(top_ps=(0.5, 0.7), ks=((1, 1), (1, 2)), floors=(0.0, 0.3, 0.4, 0.5)),
         fallbacks=(1,),
-        max_epochs=80,
+        max_epochs=100,
         patience_epochs=10,
     )
 
@@ -165,7 +171,7 @@ def pareto_front(points: Sequence[dict], accuracy_key: str = "test_accuracy") ->
 
 def cheapest_within(points: Sequence[dict], reference: float, tolerance: float = MATCH_TOLERANCE,
                     accuracy_key: str = "validation_accuracy") -> dict | None:
-    """The point with the fewest FLOPs whose accuracy is at least `reference - tolerance`."""
+    """Return the point with the fewest FLOPs whose accuracy is at least `reference - tolerance`."""
     matching = [p for p in points if p[accuracy_key] >= reference - tolerance - _EPSILON]
     if not matching:
         return None
@@ -188,7 +194,7 @@ def summarize(dense_points: Sequence[dict], moe_points: Sequence[dict],
     max_accuracy_moe = max(moe_points, key=lambda p: (p["validation_accuracy"], -p["flops"]), default=None)
 
     summary: dict[str, Any] = {
-        "selection_split": "validation",
+        "selection_split": "validation (the half not used for early stopping)",
         "match_tolerance": tolerance,
         "dense_best_accuracy": best["test_accuracy"],
         "dense_best_validation_accuracy": reference,
@@ -241,6 +247,8 @@ def _mixture_label(config: MixtureTrainConfig) -> str:
         label += f", distill {config.distill_weight:g}"
     if config.routing_smoothing > 0:
         label += f", smoothing {config.routing_smoothing:g}"
+    if config.input_dropout > 0:
+        label += f", input dropout {config.input_dropout:g}"
     return label
 
 
@@ -261,10 +269,24 @@ class _SeedModels:
     test_x: np.ndarray | None = None
 
 
+def _halve(split: Split, seed: int) -> tuple[Split, Split]:
+    """Split the validation rows in two stratified halves: one for early stopping, one for selection.
+
+    Early stopping keeps the epoch with the best accuracy on its rows, so accuracy on
+    those same rows overstates every model, and by more for models whose accuracy
+    varies more between epochs. Selection on the other half avoids that bias.
+    """
+    from sklearn.model_selection import train_test_split
+
+    first, second = train_test_split(np.arange(len(split)), test_size=0.5, stratify=split.y, random_state=seed)
+    return Split(split.x[first], split.y[first]), Split(split.x[second], split.y[second])
+
+
 def _run_seed(dataset_name: str, seed: int, plan: PilotPlan, log) -> tuple[list[dict], list[dict], _SeedModels]:
     """Train and evaluate everything of `plan` on one seed; return per-seed dense and mixture rows."""
     data = load_dataset(dataset_name, seed=seed)
-    train, validation, test = data.train, data.validation, data.test
+    train, test = data.train, data.test
+    stopping, validation = _halve(data.validation, seed)
     models = _SeedModels(test_x=test.x)
 
     # 1. Dense models.
@@ -272,7 +294,7 @@ def _run_seed(dataset_name: str, seed: int, plan: PilotPlan, log) -> tuple[list[
     dense_labels = []
     for dense_config in plan.dense:
         config = replace(dense_config, seed=seed, max_epochs=plan.max_epochs, patience_epochs=plan.patience_epochs)
-        model, history = train_dense(train.x, train.y, validation.x, validation.y, data.num_classes, config)
+        model, history = train_dense(train.x, train.y, stopping.x, stopping.y, data.num_classes, config)
         label = _dense_label(config)
         dense_labels.append(label)
         dense_models.append(model)
@@ -289,7 +311,7 @@ def _run_seed(dataset_name: str, seed: int, plan: PilotPlan, log) -> tuple[list[
     moe_rows = []
     for mixture in plan.mixtures:
         config = replace(mixture, seed=seed, max_epochs=plan.max_epochs, patience_epochs=plan.patience_epochs)
-        gate, experts, history = train_mixture(train.x, train.y, validation.x, validation.y, data.num_classes,
+        gate, experts, history = train_mixture(train.x, train.y, stopping.x, stopping.y, data.num_classes,
                                                config, teacher=teacher if config.distill_weight > 0 else None)
         mixture_label = _mixture_label(config)
         models.mixtures[mixture_label] = (gate, experts)
@@ -442,7 +464,7 @@ def run_pilot(
     Seeds train in parallel in `workers` processes (default: one per CPU core, at most
     one per seed), each with one torch thread.
 
-    Returns the report: SPEC's pilot fields (`dataset`, `seeds`, `dense_best_accuracy`,
+    Returns the report: the benchmark report's pilot fields (`dataset`, `seeds`, `dense_best_accuracy`,
     `dense_match_flops`, `moe_accuracy`, `moe_flops`, `moe_flops_ratio`), the chosen
     settings, both Pareto fronts, every averaged point and the plot paths.
 

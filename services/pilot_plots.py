@@ -13,6 +13,7 @@ def plot_pilot(report: dict, out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     dense, moe = report["dense_points"], report["moe_points"]
     target_ratio = report["target_flops_ratio"]
@@ -29,13 +30,14 @@ def plot_pilot(report: dict, out: Path) -> list[str]:
                   markersize=4, label=name)
     threshold = 100 * (report["dense_best_accuracy"] - report["match_tolerance"])
     axes.axhline(threshold, color="gray", linestyle="--", linewidth=1,
-                 label=f"best dense - {100 * report['match_tolerance']:g} point")
+                 label=f"best dense (chosen on validation) - {100 * report['match_tolerance']:g} point")
     axes.axvline(report["dense_match_flops"] * target_ratio, color="tab:green", linestyle=":", linewidth=1,
                  label=f"{target_ratio:g} x FLOPs of matching dense")
     if report["moe_setting"] is not None:
         axes.scatter([report["moe_flops"]], [100 * report["moe_accuracy"]], marker="*", s=200,
                      color="tab:red", zorder=5, label="chosen mixture setting")
     axes.set_xscale("log")
+    axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
     axes.set_xlabel("FLOPs per example (multiply-adds, log scale)")
     axes.set_ylabel(f"test accuracy, % (mean of {report['seeds']} seeds)")
     axes.set_title(f"Accuracy against compute on {report['dataset']}")

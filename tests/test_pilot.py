@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -166,6 +167,22 @@ class TestDropInputs:
 
         assert set(dropped.unique().tolist()) == {0.0, 1.0}
         assert float((dropped == 0).float().mean()) == pytest.approx(0.25, abs=0.02)
+
+
+class TestHalve:
+    def test_halves_are_disjoint_and_stratified(self):
+        from experts.data import Split
+        from services.pilot import _halve
+
+        x = np.arange(40, dtype=np.float32).reshape(40, 1)
+        y = np.repeat(np.arange(4), 10)
+
+        first, second = _halve(Split(x, y), seed=0)
+
+        assert len(first) == 20
+        assert len(second) == 20
+        assert set(first.x[:, 0]).isdisjoint(second.x[:, 0])
+        assert np.bincount(first.y).tolist() == [5, 5, 5, 5]
 
 
 class TestPlan:
