@@ -180,67 +180,101 @@ class QualityRecorder:
 class ShadowEvaluator:
     """Compares mixture predictions with dense on a share of requests, off the response path.
 
-    `maybe_shadow` returns at once; the dense call runs in a task. At most
-    `max_in_flight` shadow calls run per replica, and requests beyond that are not
+    `maybe_shadow` returns at once. Sampled requests wait up to `batch_window_s` in a
+    pending batch, and each batch goes to dense as ONE call, so shadow traffic adds one
+    handle call per window instead of one per sampled request. At most `max_in_flight`
+    requests are pending or in flight per replica; requests beyond that are not
     shadowed (counted in `skipped`), so shadow traffic cannot pile up behind a slow
     dense model. A failed shadow call is logged (rate-limited) and not counted.
     """
 
     def __init__(self, call_dense: Callable[[np.ndarray], Any], recorder: QualityRecorder, fraction: float,
                  max_in_flight: int, timeout_s: float, agreement_gauge=None, comparisons_counter=None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, batch_window_s: float = 0.05) -> None:
         self.call_dense = call_dense
         self.recorder = recorder
         self.fraction = fraction
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
+        self.batch_window_s = batch_window_s
         self.agreement_gauge = agreement_gauge
         self.comparisons_counter = comparisons_counter
         self.rng = rng or random.Random()
         self.skipped = 0
         self.log = get_logger("shadow")
         self._warnings = RateLimitedWarning(interval_s=30.0)
+        self._pending: list[tuple[str, np.ndarray, np.ndarray, int]] = []
+        self._requests_in_flight = 0
+        self._flush_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         # The agreement gauge shows the share over the last comparisons, not since start.
         self._recent: deque[tuple[int, int]] = deque(maxlen=RECENT_COMPARISONS)
 
     def maybe_shadow(self, request_id: str, inputs: np.ndarray, predictions: Sequence[int],
                      row_reasons: Sequence[str], policy_version: int) -> bool:
-        """Start a shadow comparison for this request's mixture rows if it is sampled."""
+        """Queue this request's mixture rows for a shadow comparison if it is sampled."""
         moe_rows = [index for index, reason in enumerate(row_reasons) if reason == "top_p"]
         if not moe_rows or self.fraction <= 0 or self.rng.random() >= self.fraction:
             return False
-        if len(self._tasks) >= self.max_in_flight:
+        if len(self._pending) + self._requests_in_flight >= self.max_in_flight:
             self.skipped += 1
             return False
         rows_x = np.ascontiguousarray(inputs.reshape(len(inputs), -1)[moe_rows])
         moe_predictions = np.asarray(predictions)[moe_rows]
-        task = asyncio.get_running_loop().create_task(
-            self._compare(request_id, rows_x, moe_predictions, policy_version))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._pending.append((request_id, rows_x, moe_predictions, policy_version))
+        if self._flush_task is None:
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_after_window())
         return True
 
-    async def _compare(self, request_id: str, rows_x: np.ndarray, moe_predictions: np.ndarray,
-                       policy_version: int) -> None:
-        try:
-            dense_probs = await asyncio.wait_for(_awaitable(self.call_dense(rows_x)), self.timeout_s)
-        except Exception as error:  # noqa: BLE001 - a failed shadow call is no quality signal
-            self._warnings.warn(self.log, "shadow_call_failed", request_id=request_id, error=repr(error))
+    async def _flush_after_window(self) -> None:
+        await asyncio.sleep(self.batch_window_s)
+        self._flush_task = None
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
             return
-        agreed = int((np.argmax(dense_probs, axis=1) == moe_predictions).sum())
-        self.recorder.record_shadow(policy_version, len(moe_predictions), agreed)
-        self._recent.append((len(moe_predictions), agreed))
+        self._requests_in_flight += len(batch)
+        task = asyncio.get_running_loop().create_task(self._compare(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _compare(self, batch: list[tuple[str, np.ndarray, np.ndarray, int]]) -> None:
+        try:
+            rows_x = np.concatenate([rows for _, rows, _, _ in batch])
+            try:
+                dense_probs = await asyncio.wait_for(_awaitable(self.call_dense(rows_x)), self.timeout_s)
+            except Exception as error:  # noqa: BLE001 - a failed shadow call is no quality signal
+                self._warnings.warn(self.log, "shadow_call_failed", request_ids=[r for r, _, _, _ in batch],
+                                    error=repr(error))
+                return
+            dense_predictions = np.argmax(dense_probs, axis=1)
+            start = 0
+            for _, rows, moe_predictions, policy_version in batch:
+                agreed = int((dense_predictions[start : start + len(rows)] == moe_predictions).sum())
+                start += len(rows)
+                self._record(policy_version, len(moe_predictions), agreed)
+        finally:
+            self._requests_in_flight -= len(batch)
+
+    def _record(self, policy_version: int, rows: int, agreed: int) -> None:
+        self.recorder.record_shadow(policy_version, rows, agreed)
+        self._recent.append((rows, agreed))
         if self.comparisons_counter is not None:
-            for label, count in (("true", agreed), ("false", len(moe_predictions) - agreed)):
+            for label, count in (("true", agreed), ("false", rows - agreed)):
                 if count:  # Ray counters reject increments of 0.
                     self.comparisons_counter.inc(count, tags={"agree": label})
         if self.agreement_gauge is not None:
-            rows = sum(count for count, _ in self._recent)
-            self.agreement_gauge.set(sum(agree for _, agree in self._recent) / rows)
+            total = sum(count for count, _ in self._recent)
+            self.agreement_gauge.set(sum(agree for _, agree in self._recent) / total)
 
     async def drain(self) -> None:
-        """Wait for the shadow calls in flight (used when stopping and in tests)."""
+        """Send the pending batch now and wait for every shadow call (used when stopping and in tests)."""
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            self._flush_task = None
+        self._send_pending()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
