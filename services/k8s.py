@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from services.ray_env import SERVE_ENV
 from services.settings import Settings, SettingsError, load_settings
 
 __all__ = [
@@ -273,10 +274,11 @@ def _redis_password_env(cluster: ClusterSettings) -> dict[str, Any]:
 
 
 def _ray_pod_env(cluster: ClusterSettings) -> list[dict[str, Any]]:
-    """Secrets every Ray pod needs: Ray workers inherit the pod's environment, so replicas read them."""
+    """Environment of every Ray pod: Serve settings and Secrets (Ray workers inherit the pod's environment)."""
     admin_token = {"name": ADMIN_TOKEN_ENV,
                    "valueFrom": {"secretKeyRef": {"name": cluster.admin_secret_name, "key": ADMIN_SECRET_KEY}}}
-    return [_redis_password_env(cluster), admin_token]
+    serve_env = [{"name": name, "value": value} for name, value in SERVE_ENV.items()]
+    return [*serve_env, _redis_password_env(cluster), admin_token]
 
 
 def _termination_grace_period_s(serve_config: dict[str, Any]) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from services.loopback import loopback_environment
+from services.ray_env import apply_serve_env
 from services.settings import Settings
 
 __all__ = ["LocalServe", "ServeStartError", "find_free_port", "read_runtime", "state_dir"]
@@ -95,6 +96,7 @@ class LocalServe:
     def __enter__(self) -> LocalServe:
         # Must be set before Ray starts: the raylet and every worker inherit it.
         os.environ.update(loopback_environment())
+        apply_serve_env()
         import ray
         from ray import serve
 

@@ -102,9 +102,22 @@ def test_pods_get_secrets_from_env(rendered):
     pods = [cluster["headGroupSpec"]["template"]] + [group["template"] for group in cluster["workerGroupSpecs"]]
 
     for pod in pods:
-        env = {entry["name"]: entry["valueFrom"]["secretKeyRef"] for entry in pod["spec"]["containers"][0]["env"]}
+        env = {entry["name"]: entry.get("valueFrom", {}).get("secretKeyRef")
+               for entry in pod["spec"]["containers"][0]["env"]}
         assert env["REDIS_PASSWORD"] == {"name": "switchyard-redis", "key": "password"}
         assert env["SWITCHYARD_ADMIN_TOKEN"] == {"name": "switchyard-admin", "key": "token"}
+
+
+def test_pods_get_serve_env(rendered):
+    from services.ray_env import SERVE_ENV
+
+    cluster = _rayservice(rendered, "prod-gpu")["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [group["template"] for group in cluster["workerGroupSpecs"]]
+
+    for pod in pods:
+        env = {entry["name"]: entry.get("value") for entry in pod["spec"]["containers"][0]["env"]}
+        for name, value in SERVE_ENV.items():
+            assert env[name] == value
 
 
 def test_prod_experts_have_own_gpu_autoscaling(rendered):
