@@ -119,7 +119,7 @@ def _drop_inputs(x: torch.Tensor, rate: float, generator: torch.Generator) -> to
 
 
 def _routing_target(per_expert_nll: torch.Tensor, config: MixtureTrainConfig) -> torch.Tensor:
-    """Gate target [N, E] from each expert's loss on each row [N, E]."""
+    """Compute the gate's target [N, E] from each expert's loss on each row [N, E]."""
     if config.routing_smoothing <= 0:
         return torch.softmax(-per_expert_nll / config.routing_temperature, dim=-1)
     # exp(-nll / T) = p_e(y)^(1/T) lies in (0, 1]; unlike the softmax it is not

@@ -25,6 +25,9 @@ Then, with accuracies and FLOPs averaged over the seeds:
 Every swept mixture is servable as it is: MLP experts, a gate with zero or one hidden
 layer, a `RoutingConfig` and a dense fallback are what the bundle manifest and the
 router's dispatcher already run.
+
+NOTE: `services.train.train_bundle` passes no teacher to `train_mixture`, so
+`switchyard train` cannot yet produce the distilled mixtures of this sweep.
 """
 
 from __future__ import annotations
@@ -509,7 +512,8 @@ def run_pilot(
         "moe_front": pareto_front(moe_points),
         "dense_points": dense_points,
         "moe_points": moe_points,
-        "torch_threads": torch.get_num_threads(),
+        "workers": workers,
+        "torch_threads_per_worker": 1 if workers > 1 else torch.get_num_threads(),
     }
     report["plots"] = plot_pilot(report, out)
     report["seconds"] = round(time.perf_counter() - started, 1)

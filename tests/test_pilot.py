@@ -216,7 +216,7 @@ def tiny_pilot(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_pilot_report_has_spec_fields(tiny_pilot):
+def test_pilot_report_has_summary_fields(tiny_pilot):
     _, report = tiny_pilot
 
     for key in ("dataset", "seeds", "dense_best_accuracy", "dense_match_flops", "moe_accuracy", "moe_flops",
