@@ -1,8 +1,8 @@
 """The router deployment: HTTP ingress and mixture router in one replica (one hop fewer).
 
 Request path: HTTP body → `services.codec` (decode, validate) → `route` (request
-batching with `@serve.batch`) → `services.dispatch.MixtureDispatcher` (gate, policy,
-capacity, expert calls, dense fallback, combine) → `services.codec` (encode).
+batching sized by the load, `services.batcher`) → `services.dispatch.MixtureDispatcher`
+(gate, policy, capacity, expert calls, dense fallback, combine) → `services.codec` (encode).
 
 Failure modes: client errors get a 4xx with SPEC's error object; when the dense model
 fails for rows that need it the request gets 503 with `Retry-After`; any other
@@ -17,7 +17,6 @@ import uuid
 from typing import Any
 
 import numpy as np
-from ray import serve
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
@@ -32,6 +31,7 @@ from services.codec import (
     negotiate_response_media,
     validate_predict_document,
 )
+from services.batcher import AdaptiveBatcher
 from services.dispatch import DenseUnavailable, DispatchItem, RouteOutcome
 from services.loopback import bind_replica_grpc_to_loopback
 from services.openapi import DOCS_HTML, openapi_document
@@ -106,17 +106,18 @@ class RouterIngress:
                 comparisons_counter=self.telemetry.metrics.shadow_comparisons,
             )
             self.supervision.start()  # Serve runs the constructor on the replica's event loop.
-        self.route.set_max_batch_size(self.settings.replica.max_batch_size)
-        self.route.set_batch_wait_timeout_s(self.settings.replica.batch_wait_timeout_s)
+        self.batcher = AdaptiveBatcher(self.dispatcher.dispatch, max_batch_size=self.settings.replica.max_batch_size,
+                                       max_concurrent_batches=self.settings.max_concurrent_batches,
+                                       fill_wait_s=self.settings.replica.batch_wait_timeout_s)
         self._openapi = openapi_document(self.input_shape, self.settings.max_rows_per_request)
         self.log.info("router_started", experts=len(experts), model_version=self.model_version,
                       routing=routing.__dict__)
 
     # --- routing -----------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def route(self, items: list[DispatchItem]) -> list[RouteOutcome]:
-        return await self.dispatcher.dispatch(items)
+    async def route(self, item: DispatchItem) -> RouteOutcome:
+        """Dispatch one request's rows together with the requests that arrive alongside it."""
+        return await self.batcher.submit(item)
 
     async def predict(self, request: PredictRequest) -> dict[str, Any]:
         """Route one validated request; returns the response payload (SPEC's response body).

@@ -130,10 +130,15 @@ class RouterSettings(_Strict):
     dense_timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for the dense model.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
     max_rows_per_request: int = Field(1024, ge=1, description="Most input rows in one request.")
+    max_concurrent_batches: int = Field(
+        1, ge=1, description="Batches one router replica dispatches at once; requests arriving meanwhile "
+                             "form the next batch."
+    )
     replica: ReplicaSettings = Field(
-        default_factory=lambda: ReplicaSettings(num_cpus=0.2, max_batch_size=32, batch_wait_timeout_s=0.005,
+        default_factory=lambda: ReplicaSettings(num_cpus=0.2, max_batch_size=64, batch_wait_timeout_s=0.0,
                                                 max_ongoing_requests=256),
-        description="Resources and request batching of the router replicas.",
+        description="Resources and request batching of the router replicas; batch_wait_timeout_s is the extra "
+                    "time a batch waits to fill once a dispatch slot is free (0 sends at once).",
     )
 
 

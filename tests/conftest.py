@@ -51,7 +51,7 @@ def fast_settings(bundle_path: Path, **changes):
     base = {
         "bundle": str(bundle_path),
         "port": 0,
-        "router": {"replica": {"num_cpus": 0.1, "max_batch_size": 16, "batch_wait_timeout_s": 0.002,
+        "router": {"replica": {"num_cpus": 0.1, "max_batch_size": 16, "batch_wait_timeout_s": 0.0,
                                "max_ongoing_requests": 128, **quick},
                    "expert_timeout_s": 1.0},
         "experts": {"num_cpus": 0.05, "num_replicas": 1, **quick},
