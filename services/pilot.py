@@ -25,9 +25,9 @@ Then, with accuracies and FLOPs averaged over the seeds:
 Every swept mixture is servable as it is: MLP experts, a gate with zero or one hidden
 layer, a `RoutingConfig` and a dense fallback are what the bundle manifest and the
 router's dispatcher already run.
-
-NOTE: `services.train.train_bundle` passes no teacher to `train_mixture`, so
-`switchyard train` cannot yet produce the distilled mixtures of this sweep.
+`services.train.train_bundle` distils from the bundle's own dense model when the
+mixture config has `distill_weight` > 0, while the pilot distils from the dense model
+with the best selection-half accuracy.
 """
 
 from __future__ import annotations

@@ -48,11 +48,15 @@ def train_bundle(
     started = time.perf_counter()
     train, validation, test = dataset.train, dataset.validation, dataset.test
 
-    gate, experts, mixture_history = train_mixture(
-        train.x, train.y, validation.x, validation.y, dataset.num_classes, mixture
-    )
+    # The dense model trains first because it is the distillation teacher when
+    # `mixture.distill_weight` > 0. Each trainer seeds torch itself, so the order
+    # does not change either model.
     dense_model, dense_history = train_dense(
         train.x, train.y, validation.x, validation.y, dataset.num_classes, dense
+    )
+    gate, experts, mixture_history = train_mixture(
+        train.x, train.y, validation.x, validation.y, dataset.num_classes, mixture,
+        teacher=dense_model if mixture.distill_weight > 0 else None,
     )
 
     routing = mixture.routing

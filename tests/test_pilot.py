@@ -270,3 +270,18 @@ def test_cli_rejects_unknown_dataset(tmp_path):
 
     assert result.exit_code == 2
     assert "unknown dataset 'cifar'" in result.output
+
+
+@pytest.mark.slow
+def test_train_bundle_distils_from_dense(tmp_path, digits):
+    from services.train import train_bundle
+
+    quick = {"max_epochs": 2, "patience_epochs": 1}
+    dense = DenseTrainConfig(hidden=(16,), **quick)
+    plain, _ = train_bundle(digits, tmp_path / "plain", mixture=MixtureTrainConfig(**quick), dense=dense)
+    distilled, _ = train_bundle(digits, tmp_path / "distilled",
+                                mixture=MixtureTrainConfig(distill_weight=1.0, **quick), dense=dense)
+
+    # Same seed and data: only the distillation term can make the experts differ.
+    assert plain.manifest["files"]["dense"] == distilled.manifest["files"]["dense"]
+    assert plain.manifest["files"]["expert-0"] != distilled.manifest["files"]["expert-0"]
