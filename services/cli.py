@@ -120,16 +120,23 @@ def serve(
 ) -> None:
     """Run the whole application locally until interrupted."""
     from experts.bundle import BundleError
-    from services.runtime import LocalServe, ServeStartError
+    from services.runtime import LocalServe, ServeStartError, check_port_free, running_server, state_dir
 
     configure_logging()
     log = get_logger("cli")
     settings = _load_settings(config, redis_url=redis_url, bundle=bundle, host=host, port=port)
+    running = running_server()
+    if running is not None:
+        _fail(f"another switchyard serve (pid {running['pid']}) is running at {running.get('http_url')} with "
+              f"state directory {state_dir()}; stop it first, or set SWITCHYARD_STATE_DIR for a second instance")
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     try:
+        if settings.port:
+            check_port_free(settings.host, settings.port)
         with LocalServe(settings, metrics_port=metrics_port) as server:
+            # Registered after Ray starts, because ray.init installs its own SIGTERM handler.
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: stop.set())
             runtime = json.loads(server.write_runtime().read_text())
             token_source = runtime["admin_token_file"] or "SWITCHYARD_ADMIN_TOKEN"
             log.info("serving", http_url=server.http_url, metrics_url=server.metrics_url,

@@ -62,6 +62,8 @@ class RouterIngress:
         torch.set_num_threads(1)
         full_settings = Settings.model_validate(settings)
         self.settings = full_settings.router
+        # The supervisor runs as its own Serve application named after this one.
+        self.supervisor_app = f"{full_settings.app_name}-supervisor"
         self.redis = create_async_client(full_settings.redis) if full_settings.redis.url else None
         self.log = get_logger("router")
         self.telemetry = RouterTelemetry(router_metrics(), self.log)
@@ -258,10 +260,23 @@ class RouterIngress:
             except Exception as error:  # noqa: BLE001 - readiness reports, never raises
                 return f"error: {type(error).__name__}"
 
-        results = await asyncio.gather(*(ping(handle) for handle in handles), self._ping_redis())
-        deployments = dict(zip(names, results[:-1]))
+        results = await asyncio.gather(*(ping(handle) for handle in handles), self._ping_supervisor(),
+                                       self._ping_redis())
+        deployments = dict(zip([*names, "supervisor"], results[:-1]))
         redis_state = results[-1]
         return {"ready": all(state == "ok" for state in results), "deployments": deployments, "redis": redis_state}
+
+    async def _ping_supervisor(self) -> str:
+        from ray import serve
+
+        try:
+            handle = serve.get_deployment_handle("supervisor", app_name=self.supervisor_app)
+            await asyncio.wait_for(_await(handle.check_health.remote()), 2.0)
+            return "ok"
+        except asyncio.TimeoutError:
+            return "timeout"
+        except Exception as error:  # noqa: BLE001 - readiness reports, never raises
+            return f"error: {type(error).__name__}"
 
     async def _ping_redis(self) -> str:
         if self.redis is None:

@@ -21,7 +21,8 @@ from services.loopback import loopback_environment
 from services.ray_env import apply_serve_env
 from services.settings import Settings
 
-__all__ = ["LocalServe", "ServeStartError", "find_free_port", "read_runtime", "state_dir"]
+__all__ = ["LocalServe", "ServeStartError", "check_port_free", "find_free_port", "read_runtime", "running_server",
+           "state_dir"]
 
 RUNTIME_FILE = "runtime.json"
 SETTINGS_FILE = "settings.json"
@@ -46,6 +47,30 @@ def read_runtime() -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def running_server() -> dict[str, Any] | None:
+    """runtime.json of a `switchyard serve` that is still alive in this state directory, else None."""
+    runtime = read_runtime()
+    if not runtime or not isinstance(runtime.get("pid"), int):
+        return None
+    try:
+        os.kill(runtime["pid"], 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # Alive, owned by another user.
+    return runtime
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ServeStartError when `host:port` cannot be bound (another server listens there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ServeStartError(f"cannot listen on {host}:{port}: {error.strerror}; "
+                                  "stop the process using it or pass --port") from None
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
@@ -193,7 +218,14 @@ class LocalServe:
 
     @staticmethod
     def remove_runtime() -> None:
-        """Remove runtime.json and the files written with it (settings, admin token, drill faults)."""
+        """Remove runtime.json and the files written with it (settings, admin token, drill faults).
+
+        Does nothing when runtime.json belongs to another process, so that a server that
+        failed to start never removes the files of the one that is running.
+        """
+        runtime = read_runtime()
+        if runtime is not None and runtime.get("pid") not in (None, os.getpid()):
+            return
         for name in (RUNTIME_FILE, SETTINGS_FILE, ADMIN_TOKEN_FILE, FAULTS_FILE):
             try:
                 (state_dir() / name).unlink()
