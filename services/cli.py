@@ -67,7 +67,7 @@ def train(
     out: Optional[Path] = typer.Option(None, envvar=_env("out"),
                                        help="Bundle directory [default: .switchyard/bundles/<dataset>]."),
     experts: int = typer.Option(4, envvar=_env("experts"), min=1, max=64, help="Number of experts."),
-    seed: int = typer.Option(0, envvar=_env("seed"), help="Seed of the split and of training."),
+    seed: int = typer.Option(0, envvar=_env("seed"), min=0, max=2**32 - 1, help="Seed of the split and of training."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Train the gate, the experts and the dense model on one split; write a model bundle."""
@@ -78,13 +78,22 @@ def train(
 
     configure_logging()
     log = get_logger("cli")
+    if data is None and label_column is not None:
+        _fail("--label-column applies to --data FILE only; pass the file with --data")
+    if data is not None and dataset != "digits":
+        _fail("pass either --dataset or --data, not both")
     try:
         loaded = load_file(data, label_column, seed=seed) if data else load_dataset(dataset, seed=seed)
     except DatasetError as error:
         _fail(str(error))
     out = out or Path(".switchyard/bundles") / loaded.name
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file; pass a directory for the bundle")
     log.info("training", dataset=loaded.name, train=len(loaded.train), experts=experts, out=str(out))
-    _, report = train_bundle(loaded, out, mixture=replace(DEFAULT_MIXTURE, num_experts=experts), seed=seed)
+    try:
+        _, report = train_bundle(loaded, out, mixture=replace(DEFAULT_MIXTURE, num_experts=experts), seed=seed)
+    except OSError as error:
+        _fail(f"cannot write the bundle to {out}: {error.strerror or error}")
     if json_output:
         _print_json(report)
         return

@@ -149,8 +149,15 @@ def _unpack_msgpack(body: bytes, max_body_bytes: int) -> Any:
             max_map_len=64,
             max_ext_len=0,
         )
-    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as error:
-        raise RequestError(400, "malformed_body", f"body is not valid msgpack: {error}") from None
+    except msgpack.StackError:
+        raise RequestError(400, "malformed_body", "body is not valid msgpack: nesting is too deep") from None
+    except msgpack.ExtraData:
+        raise RequestError(400, "malformed_body", "body is not valid msgpack: extra bytes after the message") from None
+    except (msgpack.FormatError, ValueError, TypeError) as error:
+        reason = str(error) or type(error).__name__
+        if "max_ext_len" in reason:
+            reason = "msgpack extension types are not accepted"
+        raise RequestError(400, "malformed_body", f"body is not valid msgpack: {reason}") from None
 
 
 def _parse_json(body: bytes) -> Any:
@@ -159,7 +166,9 @@ def _parse_json(body: bytes) -> Any:
 
     try:
         return json.loads(body, parse_constant=reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+    except RecursionError:
+        raise RequestError(400, "malformed_body", "body is not valid JSON: nesting is too deep") from None
+    except (UnicodeDecodeError, ValueError) as error:
         raise RequestError(400, "malformed_body", f"body is not valid JSON: {error}") from None
 
 
@@ -263,7 +272,16 @@ def _decode_nested_lists(value: list, field: str) -> np.ndarray:
         raw = np.asarray(value)
     except ValueError:
         raw = None
-    if raw is None or raw.dtype == object:
+    if raw is not None and raw.dtype == object:
+        # Integers beyond int64 and nulls land here. Floats parse big integers, but numpy
+        # would turn null into NaN, so nulls are rejected first.
+        if _contains_null(value):
+            raise RequestError(422, "invalid_dtype", f"{field} contains null; send numbers only", field=field)
+        try:
+            raw = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raw = None
+    if raw is None:
         raise RequestError(422, "invalid_shape", f"{field} is ragged or mixes types: {_describe_ragged(value, field)}",
                            field=_first_ragged_row(value, field))
     if raw.dtype.kind not in "iuf":
@@ -271,6 +289,17 @@ def _decode_nested_lists(value: list, field: str) -> np.ndarray:
         raise RequestError(422, "invalid_dtype", f"{field} must contain numbers, got {kind}", field=field)
     with np.errstate(over="ignore"):
         return raw.astype(np.float32)
+
+
+def _contains_null(value: list) -> bool:
+    stack = [value]
+    while stack:
+        for element in stack.pop():
+            if element is None:
+                return True
+            if isinstance(element, list):
+                stack.append(element)
+    return False
 
 
 def _first_ragged_row(value: list, field: str) -> str:

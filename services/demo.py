@@ -23,6 +23,8 @@ DEMO_CONCURRENCY = 8
 
 def ensure_bundle(path: Path, dataset_name: str = DEMO_DATASET, log=None) -> Bundle:
     """Load the bundle at `path`, training it on `dataset_name` first when none exists."""
+    if path.exists() and not path.is_dir():
+        raise BundleError(f"--bundle {path} is a file; pass a bundle directory (or a new path to train one)")
     try:
         return load_bundle(path)
     except BundleError:
@@ -49,9 +51,9 @@ def build_report(bundle: Bundle, labels: np.ndarray, moe: list[PredictResult], d
     dense_correct = sum(int(r.body["predictions"][0] == labels[r.index]) for r in dense_answered)
 
     paths = Counter(r.body["route"]["path"] for r in answered)
-    experts_used = [len(r.body["route"]["experts"][0]) for r in answered]
-    histogram = Counter(experts_used)
-    on_experts = [count for count in experts_used if count > 0]
+    # Experts per request count the requests the mixture answered; dense-answered ones are in `paths`.
+    on_experts = [len(r.body["route"]["experts"][0]) for r in answered if r.body["route"]["path"] == "moe"]
+    histogram = Counter(on_experts)
     moe_flops = [r.body["flops"] for r in answered]
     dense_flops = [r.body["flops"] for r in dense_answered]
     reasons = Counter(r.body["route"]["reason"] for r in answered)
