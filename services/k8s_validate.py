@@ -382,7 +382,33 @@ def _check_rayservice(document: dict[str, Any]) -> list[str]:
         return [f"spec.serveConfigV2: not valid YAML: {error}"]
     problems = _serve_config_problems(config)
     if not problems:
+        problems += _settings_problems(config)
+    if not problems:
         problems += _fit_problems(config, _worker_groups(document))
+    return problems
+
+
+# Import paths whose `args` are a Switchyard settings mapping.
+SETTINGS_IMPORT_PATHS = ("services.app:app_builder", "services.app:supervisor_app_builder")
+
+
+def _settings_problems(config: dict[str, Any]) -> list[str]:
+    """Check each Switchyard application's `args` against the `Settings` model the app builder uses."""
+    from pydantic import ValidationError
+
+    from services.settings import Settings
+
+    problems = []
+    for index, application in enumerate(config.get("applications") or []):
+        if application.get("import_path") not in SETTINGS_IMPORT_PATHS:
+            continue
+        try:
+            Settings.model_validate(application.get("args") or {})
+        except ValidationError as error:
+            for problem in error.errors():
+                location = ".".join(str(part) for part in problem["loc"])
+                problems.append(f"spec.serveConfigV2.applications[{index}].args.{location}: {problem['msg']} "
+                                f"(got {problem.get('input')!r})")
     return problems
 
 

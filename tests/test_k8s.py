@@ -294,6 +294,22 @@ def test_validate_rejects_bad_serve_config(rendered, tmp_path):
 
 
 @needs_crds
+def test_validate_rejects_invalid_switchyard_settings(rendered, tmp_path):
+    manifests = _copy(rendered, tmp_path)
+    path = manifests / "overlays" / "prod-gpu" / "rayservice.yaml"
+
+    def break_settings(documents):
+        config = yaml.safe_load(documents[0]["spec"]["serveConfigV2"])
+        config["applications"][0]["args"]["router"]["replica"]["num_cpus"] = "lots"
+        documents[0]["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+
+    _rewrite(path, break_settings)
+    (invalid,) = _results_by_status(validate_directory(manifests, crd_dir=CRD_DIR), INVALID)
+
+    assert any("args.router.replica.num_cpus" in problem for problem in invalid.problems), invalid.problems
+
+
+@needs_crds
 def test_validate_rejects_short_grace_period(rendered, tmp_path):
     manifests = _copy(rendered, tmp_path)
     path = manifests / "overlays" / "prod-gpu" / "rayservice.yaml"
