@@ -330,7 +330,7 @@ async def submit_and_wait(
     """Send each row of `rows` [N, D] as one request and wait up to `timeout_s` for every result.
 
     Accuracy is the share of sent rows whose prediction equals the label (unanswered rows
-    count as wrong), or None without labels.
+    count as wrong), or None without labels or when no row was answered.
 
     Raises:
         QueueFullError: as `submit_requests`.
@@ -346,7 +346,7 @@ async def submit_and_wait(
                                      on_done=on_done)
 
     accuracy = None
-    if labels is not None and len(rows):
+    if labels is not None and len(rows) and results.answered:
         correct = sum(
             int(results.answered[document["request_id"]]["predictions"][0] == int(label))
             for document, label in zip(documents, labels)
