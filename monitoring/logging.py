@@ -44,6 +44,23 @@ def redact_secrets(logger: Any, method_name: str, event_dict: dict[str, Any]) ->
     return event_dict
 
 
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is at each write.
+
+    Loggers are cached, so a stream captured once would outlive a replaced and closed
+    `sys.stderr` (test capture, daemonised processes) and fail every later log call.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(json_output: bool | None = None, level: int = logging.INFO,
                       stream: TextIO | None = None) -> None:
     """Configure structlog for this process; loggers created after a later call use that call's settings.
@@ -52,10 +69,10 @@ def configure_logging(json_output: bool | None = None, level: int = logging.INFO
         json_output: force JSON (True) or console (False) output; None picks JSON unless
             the stream is a terminal.
         level: minimum level logged.
-        stream: where lines go; None means `sys.stderr` as it is at this call.
+        stream: where lines go; None means `sys.stderr` as it is at each write.
     """
     global _configured
-    stream = sys.stderr if stream is None else stream
+    stream = _CurrentStderr() if stream is None else stream
     if json_output is None:
         json_output = not stream.isatty()
     renderer = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
