@@ -52,6 +52,33 @@ def _error_responses(*statuses: int) -> dict[str, Any]:
     }
 
 
+def _supervisor_paths() -> dict[str, Any]:
+    """The supervisor application's API, served under /v1/supervisor on the same port."""
+    admin = [{"adminToken": []}]
+    paths: dict[str, Any] = {
+        "/v1/supervisor/status": {"get": {"summary": "State, traffic split and the last quality window",
+                                          "responses": {"200": {"description": "Status."}}}},
+        "/v1/supervisor/events": {"get": {"summary": "Policy changes, oldest first",
+                                          "responses": {"200": {"description": "Events."}}}},
+        "/v1/supervisor/weight": {"put": {
+            "summary": "Set the share of traffic sent to the mixture",
+            "security": admin,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["moe_percent"],
+                "properties": {"moe_percent": {"type": "number", "minimum": 0, "maximum": 100}}}}}},
+            "responses": {"200": {"description": "Changed."}, **_error_responses(400, 401, 403, 422)},
+        }},
+    }
+    summaries = {"rollback": "Send all traffic to dense now", "promote": "Send all traffic to the mixture now",
+                 "pause": "Hold automatic changes", "resume": "Let the supervisor change the policy again"}
+    for action, summary in summaries.items():
+        paths[f"/v1/supervisor/{action}"] = {"post": {
+            "summary": summary, "security": admin,
+            "responses": {"200": {"description": "Changed."}, **_error_responses(401, 403)},
+        }}
+    return paths
+
+
 def openapi_document(input_shape: tuple[int, ...], max_rows: int) -> dict[str, Any]:
     """OpenAPI 3.1 document for a bundle with the given input shape."""
     row_schema: dict[str, Any] = {"type": "number"}
@@ -132,10 +159,24 @@ def openapi_document(input_shape: tuple[int, ...], max_rows: int) -> dict[str, A
                     },
                 }
             },
+            "/v1/feedback": {
+                "post": {
+                    "summary": "Record the true label of an answered request (online accuracy)",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["request_id", "label"],
+                        "properties": {"request_id": {"type": "string"},
+                                       "label": {"oneOf": [{"type": "integer"},
+                                                           {"type": "array", "items": {"type": "integer"}}]}},
+                    }}}},
+                    "responses": {"200": {"description": "Recorded."}, **_error_responses(400, 404, 415, 422)},
+                }
+            },
+            **_supervisor_paths(),
             "/healthz": {"get": {"summary": "Process is up", "responses": {"200": {"description": "OK"}}}},
             "/readyz": {"get": {"summary": "Every deployment answers and Redis is reachable",
                                 "responses": {"200": {"description": "Ready"}, "503": {"description": "Not ready"}}}},
         },
         "components": {"schemas": {"PredictRequest": predict_request, "PredictResponse": predict_response,
-                                   "Error": _ERROR}},
+                                   "Error": _ERROR},
+                       "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}}},
     }
