@@ -308,9 +308,14 @@ class PolicyCache:
 
     async def _follow(self) -> None:
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(self.keys.channel)
+                # Read only after the server confirmed the subscription, so no change made
+                # after this read can go unnoticed until the next poll.
+                confirmation = await pubsub.get_message(timeout=self.poll_interval_s)
+                if confirmation is None or confirmation["type"] != "subscribe":
+                    raise TimeoutError(f"no subscription confirmation within {self.poll_interval_s} s")
                 await self.refresh()
                 while True:
                     # A notification or the poll interval, whichever comes first, triggers a re-read.
