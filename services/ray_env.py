@@ -11,9 +11,11 @@ code run on that loop (gate scoring, numpy) takes well under a millisecond per b
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
-__all__ = ["SERVE_ENV", "apply_serve_env"]
+__all__ = ["SERVE_ENV", "serve_env_for_ray_start"]
 
 SERVE_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
@@ -21,7 +23,19 @@ SERVE_ENV = {
 }
 
 
-def apply_serve_env() -> None:
-    """Set `SERVE_ENV` in this process before Ray starts; values already set win."""
-    for name, value in SERVE_ENV.items():
-        os.environ.setdefault(name, value)
+@contextlib.contextmanager
+def serve_env_for_ray_start() -> Iterator[None]:
+    """Set `SERVE_ENV` while Ray starts, so that the raylet and its workers inherit it.
+
+    The variables are removed from this process afterwards: a driver that calls a
+    deployment handle outside an event loop (a script, a test) needs Serve's default
+    separate router loop. Values already set in the environment win.
+    """
+    added = [name for name in SERVE_ENV if name not in os.environ]
+    for name in added:
+        os.environ[name] = SERVE_ENV[name]
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)

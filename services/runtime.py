@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from services.loopback import loopback_environment
-from services.ray_env import apply_serve_env
+from services.ray_env import serve_env_for_ray_start
 from services.settings import Settings
 
 __all__ = ["LocalServe", "ServeStartError", "check_port_free", "find_free_port", "read_runtime", "running_server",
@@ -121,7 +121,6 @@ class LocalServe:
     def __enter__(self) -> LocalServe:
         # Must be set before Ray starts: the raylet and every worker inherit it.
         os.environ.update(loopback_environment())
-        apply_serve_env()
         import ray
         from ray import serve
 
@@ -136,14 +135,15 @@ class LocalServe:
             redis = self.settings.redis.model_copy(update={"url": self.embedded_redis.url})
             self.settings = self.settings.model_copy(update={"redis": redis})
             application = build_app(self.settings)
-        ray.init(
-            num_cpus=self.num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            _metrics_export_port=self.metrics_port,
-            log_to_driver=self.log_to_driver,
-            namespace="switchyard",
-        )
+        with serve_env_for_ray_start():
+            ray.init(
+                num_cpus=self.num_cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                _metrics_export_port=self.metrics_port,
+                log_to_driver=self.log_to_driver,
+                namespace="switchyard",
+            )
         try:
             serve.start(http_options={"host": self.settings.host, "port": self.settings.port},
                         logging_config={"enable_access_log": False})
