@@ -135,10 +135,10 @@ class RouterSettings(_Strict):
                              "form the next batch."
     )
     replica: ReplicaSettings = Field(
-        default_factory=lambda: ReplicaSettings(num_cpus=0.2, max_batch_size=64, batch_wait_timeout_s=0.0,
+        default_factory=lambda: ReplicaSettings(num_cpus=0.2, max_batch_size=64, batch_wait_timeout_s=0.004,
                                                 max_ongoing_requests=256),
         description="Resources and request batching of the router replicas; batch_wait_timeout_s is the extra "
-                    "time a batch waits to fill once a dispatch slot is free (0 sends at once).",
+                    "time a batch waits to fill under load (a lone request on an idle router never waits).",
     )
 
 

@@ -77,16 +77,26 @@ async def test_failure_reaches_every_caller_of_the_batch():
     assert all(isinstance(result, RuntimeError) for result in results)
 
 
-async def test_fill_wait_groups_a_burst():
+async def test_fill_wait_groups_arrivals_under_load():
     process = Recorder()
-    batcher = AdaptiveBatcher(process, max_batch_size=8, fill_wait_s=0.02)
+    batcher = AdaptiveBatcher(process, max_batch_size=8, fill_wait_s=0.05)
+    await asyncio.gather(batcher.submit(0), batcher.submit(1))  # a batch of two: under load
 
-    first = asyncio.ensure_future(batcher.submit(1))
-    await asyncio.sleep(0.005)
-    second = asyncio.ensure_future(batcher.submit(2))
+    first = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(batcher.submit(3))
     await asyncio.gather(first, second)
 
-    assert process.batches == [[1, 2]]
+    assert process.batches == [[0, 1], [2, 3]]
+
+
+async def test_idle_batcher_skips_fill_wait():
+    process = Recorder()
+    batcher = AdaptiveBatcher(process, max_batch_size=8, fill_wait_s=5.0)
+
+    result = await asyncio.wait_for(batcher.submit(1), timeout=0.5)
+
+    assert result == 10
 
 
 def test_rejects_zero_sizes():
