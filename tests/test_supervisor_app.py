@@ -375,15 +375,20 @@ print(json.dumps(names))
 
 
 _WATCH_FAULT_SCRIPT = """
-import json, os, time, ray
+import asyncio, json, os, time, ray
 from ray import serve
 ray.init(address=os.environ["RAY_ADDRESS_FOR_TEST"], namespace="switchyard", log_to_driver=False,
          _node_ip_address="127.0.0.1")
-handle = serve.get_deployment_handle("expert-0", app_name="switchyard")
-deadline = time.time() + 120
-while time.time() < deadline and handle.ping.remote().result()["fault"] != "noise":
-    time.sleep(0.05)
-print(json.dumps(time.time()))
+
+async def watch():
+    # Awaited inside a loop: with Serve's router on the caller's loop, handles need one.
+    handle = serve.get_deployment_handle("expert-0", app_name="switchyard")
+    deadline = time.time() + 120
+    while time.time() < deadline and (await handle.ping.remote())["fault"] != "noise":
+        await asyncio.sleep(0.05)
+    return time.time()
+
+print(json.dumps(asyncio.run(watch())))
 """
 
 
