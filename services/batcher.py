@@ -4,7 +4,7 @@
 small under load (one expert call per few requests), a long one delays every request
 at low load. `AdaptiveBatcher` sizes batches by the load instead. A batch starts as
 soon as one of `max_concurrent_batches` slots is free, so a lone request on an idle
-router goes at once; requests that arrive while the slots are busy queue up and leave
+router goes at once. Requests that arrive while the slots are busy queue up and leave
 together, up to `max_batch_size`, when a slot frees. Under load, batches grow to about
 the number of requests that arrive during one batch's round trip. With `fill_wait_s`
 > 0, a batch under load (the previous batch held more than one call) waits that long
@@ -27,8 +27,8 @@ Result = TypeVar("Result")
 class AdaptiveBatcher(Generic[Item, Result]):
     """Groups concurrent `submit` calls into batches for `process`.
 
-    `process` receives a list of items and must return one result per item, in order;
-    if it raises, every call of that batch raises the same exception. Not thread-safe:
+    `process` receives a list of items and must return one result per item, in order.
+    If it raises, every call of that batch raises the same exception. Not thread-safe:
     use it from one event loop.
     """
 

@@ -94,7 +94,7 @@ def media_type_for(content_type: str | None) -> str:
 
 
 def negotiate_response_media(request_media: str, accept: str | None) -> str:
-    """The request's own encoding unless Accept names only the other one."""
+    """Choose the response encoding: the request's own, unless Accept names only the other one."""
     if not accept:
         return request_media
     offered = {_base_media(part) for part in accept.split(",")}
@@ -225,7 +225,7 @@ def validate_predict_document(document: Any, input_shape: tuple[int, ...], max_r
 
 
 def decode_tensor(value: Any, field: str) -> np.ndarray:
-    """A tensor from a msgpack map or nested lists, as an owned, writable float32 array."""
+    """Decode a tensor from a msgpack map or nested lists into an owned, writable float32 array."""
     if isinstance(value, dict):
         return _decode_tensor_map(value, field)
     if isinstance(value, list):
