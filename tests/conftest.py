@@ -43,6 +43,22 @@ def redis_server():
         yield server
 
 
+@pytest.fixture
+async def redis_client(redis_server):
+    """An asyncio client of the session's redis-server, closed after the test."""
+    from services.redis_setup import RedisSettings, create_async_client
+
+    client = create_async_client(RedisSettings(url=redis_server.url))
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def redis(redis_client):
+    """The same client under the shorter name the supervisor tests use."""
+    return redis_client
+
+
 def fast_settings(bundle_path: Path, **changes):
     """Settings for tests: fractional CPUs, fixed replica counts, short graceful shutdown."""
     from services.settings import Settings

@@ -20,13 +20,6 @@ from services.router_supervision import parse_feedback
 
 
 @pytest.fixture
-async def redis(redis_server):
-    client = create_async_client(RedisSettings(url=redis_server.url))
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 def keys():
     return SupervisorKeys(prefix=f"test-{uuid.uuid4().hex[:8]}:")
 

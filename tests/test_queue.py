@@ -21,15 +21,7 @@ from services.queue import (
     submit_requests,
 )
 from services.queue_consumer import QueueConsumer
-from services.redis_setup import RedisSettings, create_async_client
 from services.settings import QueueSettings
-
-
-@pytest.fixture
-async def redis_client(redis_server):
-    client = create_async_client(RedisSettings(url=redis_server.url))
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

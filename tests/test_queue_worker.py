@@ -39,13 +39,6 @@ def route(served_app):
 
 
 @pytest.fixture
-async def redis_client(redis_server):
-    client = create_async_client(RedisSettings(url=redis_server.url))
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 def streams():
     return QueueStreams.from_prefix(f"test-{uuid.uuid4().hex[:8]}:")
 

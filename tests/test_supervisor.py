@@ -8,7 +8,6 @@ import pytest
 
 from services.policy_state import SupervisorKeys
 from services.quality_feed import QualityRecorder
-from services.redis_setup import RedisSettings, create_async_client
 from services.settings import SupervisorSettings
 from services.supervisor import ActionRejected, SupervisorCore
 
@@ -26,13 +25,6 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-@pytest.fixture
-async def redis(redis_server):
-    client = create_async_client(RedisSettings(url=redis_server.url))
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
