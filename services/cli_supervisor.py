@@ -47,9 +47,15 @@ def _base_url(url: str | None) -> str:
 
 
 def _token(token: str | None) -> str:
+    from services.runtime import read_runtime, state_dir
+
     if token:
         return token
-    token_file = _runtime().get("admin_token_file")
+    runtime = read_runtime()
+    if runtime is None:
+        _fail(f"no admin token: pass --token or set SWITCHYARD_ADMIN_TOKEN (no runtime.json in {state_dir()} "
+              "to read the token file from)")
+    token_file = runtime.get("admin_token_file")
     if not token_file:
         _fail("no admin token: the server takes it from SWITCHYARD_ADMIN_TOKEN, so set that variable or pass --token")
     try:
@@ -231,6 +237,8 @@ def drill(
 
     if not clear and (expert is None or fault is None):
         _fail("pass --expert ID and --fault KIND to inject a fault, or --clear to remove faults")
+    if clear and fault is not None:
+        _fail("--clear removes faults and takes no --fault; pass one or the other")
     runtime = _runtime()
     # Ray reads these when it is first imported, which the imports below do. Ray 2.60
     # sends its token (~/.ray/auth_token) to an explicit address only in token mode.

@@ -98,13 +98,13 @@ class SupervisorIngress:
         if action in ("rollback", "promote", "pause", "resume"):
             _require_method(request, "POST")
             self._authorize(request)
-            body = await _read_json(request)
+            body = await _read_json(request, allowed={"reason"})
             result = await getattr(self.core, action)(_reason(body))
             return JSONResponse({**result, "status": await self.core.status()})
         if action == "weight":
             _require_method(request, "PUT")
             self._authorize(request)
-            body = await _read_json(request)
+            body = await _read_json(request, allowed={"moe_percent", "reason"})
             result = await self.core.set_weight(_moe_percent(body), _reason(body))
             return JSONResponse({**result, "status": await self.core.status()})
         raise RequestError(404, "not_found", f"no supervisor route {request.url.path!r}; routes are status, events, "
@@ -149,18 +149,27 @@ def _limit(request: Request) -> int:
     return limit
 
 
-async def _read_json(request: Request) -> dict[str, Any]:
+async def _read_json(request: Request, allowed: set[str]) -> dict[str, Any]:
+    """Read an optional JSON object body whose keys are all in `allowed`."""
     body = await request.body()
     if len(body) > MAX_BODY_BYTES:
         raise RequestError(413, "body_too_large", f"body has {len(body)} bytes, the limit is {MAX_BODY_BYTES}")
     if not body.strip():
         return {}
+    media = (request.headers.get("content-type") or "application/json").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise RequestError(415, "unsupported_media_type",
+                           f"Content-Type {media!r} is not supported; send application/json", field="Content-Type")
     try:
         document = json.loads(body)
     except ValueError as error:
         raise RequestError(400, "malformed_body", f"body is not valid JSON: {error}") from None
     if not isinstance(document, dict):
         raise RequestError(400, "malformed_body", f"body must be a JSON object, got {type(document).__name__}")
+    unknown = sorted(str(key) for key in set(document) - allowed)
+    if unknown:
+        raise RequestError(422, "unknown_field", f"unknown field {unknown[0]!r}; allowed fields are {sorted(allowed)}",
+                           field=unknown[0])
     return document
 
 

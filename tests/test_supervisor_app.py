@@ -206,6 +206,24 @@ def test_weight_rejects_out_of_range_percent(server):
     assert response.json()["error"]["field"] == "moe_percent"
 
 
+def test_weight_rejects_unknown_field(server):
+    response = httpx.put(f"{server.url}/v1/supervisor/weight", json={"moe_percent": 50, "percent": 50},
+                         headers={"Authorization": f"Bearer {server.token}"}, timeout=10)
+
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "percent"
+    assert server.status()["moe_percent"] == 100.0
+
+
+def test_action_body_must_be_json(server):
+    response = httpx.post(f"{server.url}/v1/supervisor/resume", content=b"please",
+                          headers={"Authorization": f"Bearer {server.token}", "Content-Type": "text/plain"},
+                          timeout=10)
+
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "unsupported_media_type"
+
+
 def test_token_is_not_logged(server):
     assert server.token not in (server.state / "serve.log").read_text()
 
