@@ -104,6 +104,9 @@ def load_file(path: str | Path, label_column: str | None = None, seed: int = DEF
             numeric, or a value is NaN or infinite; the message names the column or array.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"data file {str(path)!r} is a directory; pass a .npz, .csv or .parquet file",
+                           field="data")
     if not path.is_file():
         raise DatasetError(f"data file {str(path)!r} not found", field="data")
     suffix = path.suffix.lower()
@@ -176,6 +179,8 @@ def _read_table(path: Path, suffix: str, label_column: str) -> tuple[np.ndarray,
         frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
     except (OSError, ValueError, ImportError) as error:
         raise DatasetError(f"{path.name}: cannot read as {suffix}: {error}", field="data") from error
+    if frame.empty:
+        raise DatasetError(f"{path.name}: the file has no data rows", field="data")
     if label_column not in frame.columns:
         raise DatasetError(
             f"{path.name}: label column {label_column!r} not found; columns are "

@@ -91,3 +91,16 @@ def test_npz_round_trip(tmp_path):
 def test_csv_needs_label_column(tmp_path):
     with pytest.raises(DatasetError, match="needs --label-column"):
         load_file(write_csv(tmp_path, make_frame()))
+
+
+def test_directory_instead_of_file(tmp_path):
+    with pytest.raises(DatasetError, match="is a directory"):
+        load_file(tmp_path)
+
+
+def test_header_only_csv_has_no_rows(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("a,b,label\n")
+
+    with pytest.raises(DatasetError, match="no data rows"):
+        load_file(path, "label")
