@@ -27,7 +27,7 @@ class RedisStartError(RuntimeError):
 
 
 class RedisSettings(BaseModel):
-    """How every component connects to Redis."""
+    """Redis connection settings shared by every component."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -37,7 +37,7 @@ class RedisSettings(BaseModel):
     key_prefix: str = Field("switchyard:", min_length=1, description="Prefix of every key and stream.")
     socket_timeout_s: float = Field(5.0, gt=0, description="Seconds a command may take before it fails.")
     connect_timeout_s: float = Field(2.0, gt=0, description="Seconds to establish a connection.")
-    block_ms: int = Field(1000, ge=0, description="Longest blocking read (XREADGROUP BLOCK), in milliseconds.")
+    block_ms: int = Field(1000, ge=0, description="Maximum blocking read time (XREADGROUP BLOCK), in milliseconds.")
     health_check_interval_s: float = Field(10.0, ge=0, description="Seconds between PINGs on idle connections.")
     password_env: str | None = Field(
         None,

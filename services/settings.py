@@ -38,8 +38,8 @@ class _Strict(BaseModel):
 class AutoscalingSettings(_Strict):
     """Ray Serve `autoscaling_config` for one deployment."""
 
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running.")
-    max_replicas: int = Field(2, ge=1, description="Most replicas the autoscaler may start.")
+    min_replicas: int = Field(1, ge=0, description="Minimum number of replicas kept running.")
+    max_replicas: int = Field(2, ge=1, description="Maximum number of replicas the autoscaler may start.")
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time; min_replicas when unset.")
     target_ongoing_requests: float = Field(
         8.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
@@ -71,7 +71,7 @@ class ReplicaSettings(_Strict):
     autoscaling: AutoscalingSettings | None = Field(
         None, description="Autoscaling range and targets; overrides num_replicas."
     )
-    max_batch_size: int = Field(32, ge=1, description="Most calls merged into one forward pass.")
+    max_batch_size: int = Field(32, ge=1, description="Maximum calls merged into one forward pass.")
     batch_wait_timeout_s: float = Field(
         0.002, ge=0, description="Seconds a partial batch waits for more calls."
     )
@@ -118,8 +118,8 @@ class RouterSettings(_Strict):
     """The routing ingress: policy overrides, capacity, timeouts, batching and HTTP limits."""
 
     top_p: float | None = Field(None, gt=0, le=1, description="Cumulative gate probability to reach; bundle default when unset.")
-    min_k: int | None = Field(None, ge=1, description="Fewest experts per row; bundle default when unset.")
-    max_k: int | None = Field(None, ge=1, description="Most experts per row; bundle default when unset.")
+    min_k: int | None = Field(None, ge=1, description="Minimum experts per row; bundle default when unset.")
+    max_k: int | None = Field(None, ge=1, description="Maximum experts per row; bundle default when unset.")
     confidence_floor: float | None = Field(
         None, ge=0, lt=1, description="Top gate probability below which a row goes to dense; bundle default when unset."
     )
@@ -128,8 +128,8 @@ class RouterSettings(_Strict):
     )
     expert_timeout_s: float = Field(2.0, gt=0, description="Seconds to wait for an expert before using dense.")
     dense_timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for the dense model.")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
-    max_rows_per_request: int = Field(1024, ge=1, description="Most input rows in one request.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Maximum request body size, in bytes.")
+    max_rows_per_request: int = Field(1024, ge=1, description="Maximum input rows in one request.")
     max_concurrent_batches: int = Field(
         1, ge=1, description="Batches one router replica dispatches at once; requests arriving meanwhile "
                              "form the next batch."
@@ -159,7 +159,7 @@ class SupervisorSettings(_Strict):
     min_accuracy: float | None = Field(
         None, ge=0, le=1, description="Lowest online accuracy from `/v1/feedback` labels; unset reports without checking."
     )
-    min_samples: int = Field(20, ge=1, description="Fewest samples a metric needs; below it the window is inconclusive.")
+    min_samples: int = Field(20, ge=1, description="Minimum samples a metric needs; below it the window is inconclusive.")
     shadow_fraction: float = Field(
         0.2, ge=0, le=1, description="Share of mixture-answered requests also sent to dense off the response path."
     )
