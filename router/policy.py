@@ -10,6 +10,9 @@ Rule, per row:
 3. If the highest probability is below `confidence_floor`, the row goes to the dense
    model instead (reason `low_confidence`).
 4. Renormalise the kept probabilities to sum to 1; those are the combine weights.
+5. After the experts answer, a row whose combined top class probability is below
+   `escalate_below` goes to the dense model as well (reason `escalated`), so a cheap
+   expert answers the rows it is sure of and dense the rest. 0 turns this off.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RoutingConfig", "Selection", "combine", "renormalize", "select_experts"]
+__all__ = ["RoutingConfig", "Selection", "combine", "needs_escalation", "renormalize", "select_experts"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class RoutingConfig:
     min_k: int = 1
     max_k: int = 2
     confidence_floor: float = 0.5
+    escalate_below: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.top_p <= 1.0:
@@ -39,6 +43,8 @@ class RoutingConfig:
             raise ValueError(f"max_k ({self.max_k}) must be >= min_k ({self.min_k})")
         if not 0.0 <= self.confidence_floor < 1.0:
             raise ValueError(f"confidence_floor must be in [0, 1), got {self.confidence_floor}")
+        if not 0.0 <= self.escalate_below < 1.0:
+            raise ValueError(f"escalate_below must be in [0, 1), got {self.escalate_below}")
 
 
 @dataclass(frozen=True)
@@ -105,3 +111,11 @@ def combine(expert_probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         [N, C] mixture class probabilities.
     """
     return torch.einsum("ne,nec->nc", weights, expert_probs)
+
+
+def needs_escalation(mixed_probs: torch.Tensor, config: RoutingConfig) -> torch.Tensor:
+    """Rows [N] bool whose combined class probabilities [N, C] are too unsure to answer.
+
+    Only rows the experts answered should be passed; all False when `escalate_below` is 0.
+    """
+    return mixed_probs.max(dim=-1).values < config.escalate_below

@@ -12,9 +12,11 @@
    each bounded by `expert_timeout_s`.
 5. A failed or timed-out expert sends its rows to dense (`expert_error`,
    `expert_timeout`); the other experts' outputs for those rows are dropped.
-6. One dense call answers every dense row. Only if that call fails too does a request
+6. Expert probabilities are combined by the renormalised gate weights. With
+   `escalate_below` > 0, a row whose combined top probability stays below it goes to
+   dense too (`escalated`); its expert FLOPs still count.
+7. One dense call answers every dense row. Only if that call fails too does a request
    fail (`DenseUnavailable`), and then only the requests that had dense rows.
-7. Expert probabilities are combined by the renormalised gate weights.
 
 An optional `observer` gets one `ExpertCallRecord` per expert call (for metrics and
 logs), and with `forward_request_ids` every expert and dense call also receives the
@@ -36,7 +38,7 @@ import torch
 
 from router.capacity import CapacityTracker, assign_with_capacity
 from router.gate import Gate
-from router.policy import RoutingConfig, renormalize, select_experts
+from router.policy import RoutingConfig, needs_escalation, renormalize, select_experts
 
 __all__ = [
     "DenseUnavailable",
@@ -49,8 +51,9 @@ __all__ = [
 
 # Row-level reasons. `top_p` means the row was answered by experts.
 REASON_CODES = ("top_p", "low_confidence", "capacity", "expert_error", "expert_timeout",
-                "requested", "supervisor", "router_error")
-_TOP_P, _LOW_CONFIDENCE, _CAPACITY, _EXPERT_ERROR, _EXPERT_TIMEOUT, _REQUESTED, _SUPERVISOR, _ROUTER_ERROR = range(8)
+                "requested", "supervisor", "router_error", "escalated")
+(_TOP_P, _LOW_CONFIDENCE, _CAPACITY, _EXPERT_ERROR, _EXPERT_TIMEOUT, _REQUESTED, _SUPERVISOR, _ROUTER_ERROR,
+ _ESCALATED) = range(9)
 
 
 class DenseUnavailable(RuntimeError):
@@ -178,11 +181,15 @@ class MixtureDispatcher:
                 reasons[gated] = _ROUTER_ERROR
                 mask[gated] = False
 
-        # 4-5. One concurrent call per expert with rows.
+        # 4-6. One concurrent call per expert with rows, then escalation of unsure answers.
         outputs = np.zeros((num_rows, self.num_classes), dtype=np.float32)
         await self._call_experts(items, owner, x, mask, weights, reasons, outputs)
+        if self.routing.escalate_below > 0:
+            answered = np.flatnonzero(reasons == _TOP_P)
+            unsure = needs_escalation(torch.from_numpy(outputs[answered]), self.routing).numpy()
+            reasons[answered[unsure]] = _ESCALATED
 
-        # 6. Dense for every row without an expert answer.
+        # 7. Dense for every row without an expert answer.
         dense_rows = np.flatnonzero(reasons != _TOP_P)
         dense_error: Exception | None = None
         if len(dense_rows):
@@ -268,7 +275,9 @@ class MixtureDispatcher:
                 results.append(RouteOutcome(error=DenseUnavailable(f"dense model failed: {dense_error!r}")))
                 continue
             experts_per_row = [np.flatnonzero(m).tolist() if not d else [] for m, d in zip(request_mask, on_dense)]
-            flops = int((request_mask[~on_dense] * self.expert_flops).sum())
+            # Escalated rows ran their experts before dense answered them.
+            expert_ran = (row_reasons == _TOP_P) | (row_reasons == _ESCALATED)
+            flops = int((request_mask[expert_ran] * self.expert_flops).sum())
             flops += int(on_dense.sum()) * self.dense_flops
             gated_rows = ~np.isin(row_reasons, (_REQUESTED, _SUPERVISOR))
             flops += int(gated_rows.sum()) * self.gate_flops

@@ -31,7 +31,7 @@ from torch import nn
 
 from experts.models import MLP, MLPSpec
 from router.gate import Gate, GateSpec
-from router.policy import RoutingConfig, combine, select_experts
+from router.policy import RoutingConfig, combine, needs_escalation, select_experts
 
 __all__ = [
     "DenseTrainConfig",
@@ -227,9 +227,11 @@ def evaluate_mixture(
 ) -> dict:
     """Accuracy and cost of the mixture under `routing`.
 
-    Low-confidence rows are answered by `dense` when given (as in serving); without a
-    dense model they count as errors. FLOPs per example include the gate, every chosen
-    expert and the dense model on the rows it answers.
+    Rows below the confidence floor, and rows whose combined answer falls below
+    `routing.escalate_below`, are answered by `dense` when given (as in serving);
+    without a dense model they count as errors. FLOPs per example include the gate,
+    every chosen expert (escalated rows too: their experts ran) and the dense model on
+    the rows it answers.
     """
     gate.eval()
     for expert in experts:
@@ -238,19 +240,25 @@ def evaluate_mixture(
     y = torch.as_tensor(y)
     mixed, _, _, selection = mixture_forward(gate, nn.ModuleList(experts), x, routing)
     predictions = mixed.argmax(dim=-1)
-    to_dense = selection.low_confidence
+    escalated = ~selection.low_confidence & needs_escalation(mixed, routing)
+    to_dense = selection.low_confidence | escalated
     if dense is not None and bool(to_dense.any()):
         dense.eval()
         predictions = torch.where(to_dense, dense(x).argmax(dim=-1), predictions)
+    elif bool(to_dense.any()):
+        predictions = torch.where(to_dense, torch.full_like(predictions, -1), predictions)
     expert_flops = torch.tensor([expert.flops for expert in experts], dtype=torch.float64)
     flops = gate.flops + (selection.mask.double() @ expert_flops)
     if dense is not None:
         flops = flops + to_dense.double() * dense.flops
+    answered_by_experts = ~to_dense
     experts_per_row = selection.mask.sum(dim=-1)
-    routed = ~to_dense
+    routed = ~selection.low_confidence
     return {
         "accuracy": float((predictions == y).double().mean()),
         "dense_fraction": float(to_dense.double().mean()),
+        "escalated_fraction": float(escalated.double().mean()),
+        "expert_answered_fraction": float(answered_by_experts.double().mean()),
         "mean_experts_per_request": float(experts_per_row[routed].double().mean()) if bool(routed.any()) else 0.0,
         "flops_per_example": float(flops.mean()),
         "expert_load": (selection.mask.double().sum(dim=0) / max(1, int(routed.sum()))).tolist(),

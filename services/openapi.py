@@ -123,7 +123,8 @@ def openapi_document(input_shape: tuple[int, ...], max_rows: int) -> dict[str, A
                 "properties": {
                     "path": {"enum": ["moe", "dense"]},
                     "reason": {"type": "string", "examples": ["top_p", "low_confidence", "capacity",
-                                                              "expert_error", "expert_timeout", "supervisor"]},
+                                                              "expert_error", "expert_timeout", "supervisor",
+                                                              "escalated"]},
                     "experts": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
                     "weights": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
                     "policy_version": {"type": "integer"},

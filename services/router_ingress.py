@@ -76,7 +76,8 @@ class RouterIngress:
 
         gate = Gate(GateSpec.from_dict(manifest["gate"]))
         gate.load_state_dict(bundle.load_state_dict("gate"))
-        overrides = {name: getattr(self.settings, name) for name in ("top_p", "min_k", "max_k", "confidence_floor")
+        overrides = {name: getattr(self.settings, name)
+                     for name in ("top_p", "min_k", "max_k", "confidence_floor", "escalate_below")
                      if getattr(self.settings, name) is not None}
         routing = RoutingConfig(**{**manifest["routing"], **overrides})
 

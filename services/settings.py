@@ -123,6 +123,10 @@ class RouterSettings(_Strict):
     confidence_floor: float | None = Field(
         None, ge=0, lt=1, description="Top gate probability below which a row goes to dense; bundle default when unset."
     )
+    escalate_below: float | None = Field(
+        None, ge=0, lt=1, description="Top class probability of the experts' combined answer below which the row "
+                                      "goes to dense as well (0 turns it off); bundle default when unset."
+    )
     expert_capacity: int = Field(
         512, ge=1, description="Rows in flight per expert per router replica before rows move elsewhere."
     )

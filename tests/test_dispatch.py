@@ -151,3 +151,32 @@ async def test_dense_failure_fails_only_dense_requests(make_dispatcher, digits):
     answered = [o for o in outcomes if o.error is None]
     assert answered
     assert all(o.path == "moe" for o in answered)
+
+
+async def test_unsure_expert_answers_escalate_to_dense(make_dispatcher, trained_bundle, digits):
+    routing = RoutingConfig(top_p=0.6, min_k=1, max_k=1, confidence_floor=0.0, escalate_below=0.97)
+    dispatcher, dense = make_dispatcher(routing=routing)
+    plain, _ = make_dispatcher(routing=RoutingConfig(top_p=0.6, min_k=1, max_k=1, confidence_floor=0.0))
+    rows = digits.test.x[:120]
+    flops = trained_bundle.manifest["flops"]
+
+    outcomes = await dispatcher.dispatch(items_for(rows))
+    expert_answers = await plain.dispatch(items_for(rows))
+
+    reasons = {o.reason for o in outcomes}
+    assert reasons == {"top_p", "escalated"}
+    for row, outcome, expert_answer in zip(rows, outcomes, expert_answers):
+        top = float(expert_answer.outputs[0].max())
+        expert = expert_answer.experts[0][0]
+        cost = flops["gate"] + flops[f"expert-{expert}"]
+        if top < 0.97:
+            assert outcome.reason == "escalated"
+            assert outcome.path == "dense"
+            assert outcome.experts == [[]]
+            np.testing.assert_allclose(outcome.outputs[0], run_model(dense, row[None])[0], atol=1e-6)
+            # The expert ran before dense answered, so both count.
+            assert outcome.flops == cost + flops["dense"]
+        else:
+            assert outcome.reason == "top_p"
+            np.testing.assert_allclose(outcome.outputs[0], expert_answer.outputs[0], atol=1e-6)
+            assert outcome.flops == cost

@@ -1,11 +1,11 @@
-"""Routing math: top-p adaptive k, confidence floor, renormalisation and combine."""
+"""Routing math: top-p adaptive k, confidence floor, renormalisation, combine and escalation."""
 
 import pytest
 import torch
 
 from experts.models import MLP, MLPSpec
 from router.gate import Gate, GateSpec
-from router.policy import RoutingConfig, combine, renormalize, select_experts
+from router.policy import RoutingConfig, combine, needs_escalation, renormalize, select_experts
 from services.mixture import mixture_forward
 
 
@@ -79,6 +79,26 @@ class TestRoutingConfig:
         with pytest.raises(ValueError, match="top_p must be in"):
             RoutingConfig(top_p=0.0)
 
+    @pytest.mark.parametrize("value", [-0.1, 1.0])
+    def test_rejects_escalate_below_out_of_range(self, value):
+        with pytest.raises(ValueError, match="escalate_below must be in"):
+            RoutingConfig(escalate_below=value)
+
+
+class TestEscalation:
+    def test_rows_below_the_threshold_escalate(self):
+        mixed = probs([0.9, 0.05, 0.05], [0.5, 0.4, 0.1], [0.7, 0.3, 0.0])
+
+        escalate = needs_escalation(mixed, RoutingConfig(escalate_below=0.7))
+
+        # The top probability must reach the threshold; 0.7 itself stays with the experts.
+        assert escalate.tolist() == [False, True, False]
+
+    def test_zero_threshold_never_escalates(self):
+        mixed = probs([0.34, 0.33, 0.33])
+
+        assert needs_escalation(mixed, RoutingConfig(escalate_below=0.0)).tolist() == [False]
+
 
 class TestCombine:
     def test_weighted_sum_by_hand(self):
@@ -109,3 +129,14 @@ def test_one_expert_mixture_equals_dense():
 
     assert selection.mask.all()
     torch.testing.assert_close(mixed, torch.softmax(dense(x), dim=-1))
+
+
+def test_router_settings_bound_escalate_below():
+    from pydantic import ValidationError
+
+    from services.settings import RouterSettings
+
+    assert RouterSettings(escalate_below=0.9).escalate_below == 0.9
+    assert RouterSettings().escalate_below is None  # the bundle's routing default applies
+    with pytest.raises(ValidationError, match="escalate_below"):
+        RouterSettings(escalate_below=1.0)
