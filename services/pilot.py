@@ -9,8 +9,9 @@ Procedure, repeated for every seed (the seed sets both the data split and the we
 2. Train every mixture of the plan the same way. A mixture with `distill_weight` > 0
    learns from the dense model with the best selection-half accuracy of that seed.
 3. Evaluate every mixture under every routing setting of the plan (top-p, min/max k,
-   confidence floor) and, when the floor sends rows to dense, with every fallback
-   model of the plan. Routing is swept on the trained weights, without retraining.
+   confidence floor, escalation threshold) and, when the floor or the escalation
+   threshold sends rows to dense, with every fallback model of the plan. Routing is
+   swept on the trained weights, without retraining.
 
 Then, with accuracies and FLOPs averaged over the seeds:
 4. The best dense model is the one with the highest mean selection-half accuracy
@@ -23,8 +24,8 @@ Then, with accuracies and FLOPs averaged over the seeds:
    the selection half; nothing is selected on the test split.
 
 Every swept mixture is servable as it is: MLP experts, a gate with zero or one hidden
-layer, a `RoutingConfig` and a dense fallback are what the bundle manifest and the
-router's dispatcher already run.
+layer, a `RoutingConfig` (escalation included) and a dense fallback are what the
+bundle manifest and the router's dispatcher run.
 `services.train.train_bundle` distils from the bundle's own dense model when the
 mixture config has `distill_weight` > 0, while the pilot distils from the dense model
 with the best selection-half accuracy.
@@ -49,7 +50,7 @@ import torch
 
 from experts.data import Split, load_dataset
 from experts.models import MLP
-from router.policy import RoutingConfig, combine, select_experts
+from router.policy import RoutingConfig, combine, needs_escalation, select_experts
 from services.mixture import DenseTrainConfig, MixtureTrainConfig, evaluate_mixture, train_dense, train_mixture
 from services.pilot_plots import plot_pilot
 
@@ -80,7 +81,8 @@ class PilotPlan:
     """What the pilot trains and sweeps.
 
     `fallbacks` are indices into `dense`: the dense models that predict the rows a
-    confidence floor above 0 sends to dense. Their FLOPs count on those rows.
+    confidence floor or an escalation threshold above 0 sends to dense. Their FLOPs
+    count on those rows.
     """
 
     dense: tuple[DenseTrainConfig, ...]
@@ -99,14 +101,16 @@ class PilotPlan:
                                  f"{len(self.dense)} dense models")
 
 
-def _routing_grid(top_ps: Sequence[float], ks: Sequence[tuple[int, int]],
-                  floors: Sequence[float]) -> tuple[RoutingConfig, ...]:
-    """Build every (top_p, (min_k, max_k), floor) combination, with one top_p when min_k = max_k."""
+def _routing_grid(top_ps: Sequence[float], ks: Sequence[tuple[int, int]], floors: Sequence[float],
+                  escalations: Sequence[float] = (0.0,)) -> tuple[RoutingConfig, ...]:
+    """Every (top_p, (min_k, max_k), floor, escalation) combination, with one top_p when min_k = max_k."""
     settings = []
     for min_k, max_k in ks:
         for top_p in (top_ps if max_k > min_k else top_ps[:1]):
             for floor in floors:
-                settings.append(RoutingConfig(top_p=top_p, min_k=min_k, max_k=max_k, confidence_floor=floor))
+                for escalate_below in escalations:
+                    settings.append(RoutingConfig(top_p=top_p, min_k=min_k, max_k=max_k, confidence_floor=floor,
+                                                  escalate_below=escalate_below))
     return tuple(settings)
 
 
@@ -122,11 +126,25 @@ def _mixture(num_experts: int, expert_hidden: tuple[int, ...], gate_hidden: int,
                               routing=RoutingConfig(top_p=0.6, min_k=1, max_k=1, confidence_floor=0.0))
 
 
+def _indices(dense: Sequence[DenseTrainConfig], *wanted: tuple[tuple[int, ...], float]) -> tuple[int, ...]:
+    """Positions in `dense` of the (hidden, input_dropout) pairs in `wanted`."""
+    keys = [(config.hidden, config.input_dropout) for config in dense]
+    return tuple(keys.index(key) for key in wanted)
+
+
+# Dense MLPs of both plans: one hidden layer of 16 to 256 units, each with and without
+# input dropout. A 784-32-10 MLP costs 25,408 FLOPs.
+_ONE_LAYER = ((16,), (32,), (64,), (128,), (256,))
+# Thresholds on the combined top class probability below which a row escalates to dense.
+_ESCALATIONS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
+
+
 def full_plan() -> PilotPlan:
-    """Return the published sweep: nine dense MLPs and eight mixture designs."""
+    """Return the published sweep: 14 dense MLPs and 12 mixture designs."""
+    dense = (*_dense(*_ONE_LAYER, (256, 256), (512, 512)),
+             *_dense(*_ONE_LAYER, (512, 512), input_dropout=0.2))
     return PilotPlan(
-        dense=(*_dense((32,), (64,), (128,), (256,), (256, 256), (512, 512)),
-               *_dense((64,), (256,), (512, 512), input_dropout=0.2)),
+        dense=dense,
         mixtures=(
             _mixture(4, (32,), 16, 0.0, 0.0),  # the digits default design, on 784 inputs
             _mixture(8, (32,), 0, 0.0, 0.0),
@@ -136,25 +154,36 @@ def full_plan() -> PilotPlan:
             _mixture(4, (16,), 0, 1.0, 0.05),
             _mixture(4, (16,), 0, 1.0, input_dropout=0.2),
             _mixture(4, (32,), 0, 1.0, input_dropout=0.2),
+            _mixture(4, (8,), 0, 1.0, input_dropout=0.1),
+            _mixture(4, (8,), 0, 1.0, input_dropout=0.2),
+            _mixture(4, (8,), 0, 1.0, input_dropout=0.3),
+            _mixture(8, (8,), 0, 1.0, input_dropout=0.2),
         ),
-        routings=_routing_grid(top_ps=(0.5, 0.7, 0.9), ks=((1, 1), (1, 2), (2, 2)),
-                               floors=(0.0, 0.3, 0.4, 0.5, 0.6)),
-        fallbacks=(1, 3),
+        routings=(*_routing_grid(top_ps=(0.5, 0.7, 0.9), ks=((1, 1), (1, 2), (2, 2)),
+                                 floors=(0.0, 0.3, 0.4, 0.5, 0.6)),
+                  *_routing_grid(top_ps=(0.5, 0.7), ks=((1, 1), (1, 2)), floors=(0.0,),
+                                 escalations=_ESCALATIONS)),
+        fallbacks=_indices(dense, ((32,), 0.2), ((64,), 0.2), ((256,), 0.2)),
     )
 
 
 def quick_plan() -> PilotPlan:
-    """Return the `--quick` sweep: five dense MLPs, the two best mixture designs, shorter patience."""
+    """Return the `--quick` sweep: the one-layer dense MLPs and the three escalating designs.
+
+    Training settings equal the full plan's, so that the quick run's numbers are
+    comparable with the published ones.
+    """
+    dense = (*_dense(*_ONE_LAYER), *_dense(*_ONE_LAYER, input_dropout=0.2))
     return PilotPlan(
-        dense=(*_dense((32,), (64,), (256,)), *_dense((64,), (256,), input_dropout=0.2)),
+        dense=dense,
         mixtures=(
-            _mixture(4, (16,), 0, 1.0, input_dropout=0.2),
-            _mixture(4, (32,), 0, 1.0, input_dropout=0.2),
+            _mixture(4, (8,), 0, 1.0, input_dropout=0.1),
+            _mixture(4, (8,), 0, 1.0, input_dropout=0.3),
+            _mixture(8, (8,), 0, 1.0, input_dropout=0.2),
         ),
-        routings=_routing_grid(top_ps=(0.5, 0.7), ks=((1, 1), (1, 2)), floors=(0.0, 0.3, 0.4, 0.5)),
-        fallbacks=(1,),
-        max_epochs=100,
-        patience_epochs=10,
+        routings=(*_routing_grid(top_ps=(0.5,), ks=((1, 1),), floors=(0.0, 0.4, 0.5)),
+                  *_routing_grid(top_ps=(0.5,), ks=((1, 1),), floors=(0.0,), escalations=_ESCALATIONS)),
+        fallbacks=_indices(dense, ((32,), 0.2), ((64,), 0.2)),
     )
 
 
@@ -260,7 +289,10 @@ def _routing_label(routing: RoutingConfig) -> str:
         choice = f"k={routing.min_k}"
     else:
         choice = f"top_p={routing.top_p:g} k={routing.min_k}..{routing.max_k}"
-    return f"{choice} floor={routing.confidence_floor:g}"
+    label = f"{choice} floor={routing.confidence_floor:g}"
+    if routing.escalate_below > 0:
+        label += f" escalate<{routing.escalate_below:g}"
+    return label
 
 
 @dataclass
@@ -320,7 +352,8 @@ def _run_seed(dataset_name: str, seed: int, plan: PilotPlan, log) -> tuple[list[
         models.mixtures[mixture_label] = (gate, experts)
         log.info("pilot_mixture_trained", seed=seed, model=mixture_label, epochs=history["epochs"])
         for routing in plan.routings:
-            fallbacks = plan.fallbacks if routing.confidence_floor > 0 else (None,)
+            sends_to_dense = routing.confidence_floor > 0 or routing.escalate_below > 0
+            fallbacks = plan.fallbacks if sends_to_dense else (None,)
             for fallback in fallbacks:
                 dense = None if fallback is None else dense_models[fallback]
                 fallback_label = None if fallback is None else dense_labels[fallback]
@@ -356,9 +389,11 @@ def _moe_row(mixture_label: str, config: MixtureTrainConfig, routing: RoutingCon
     label = f"{mixture_label}; {_routing_label(routing)}"
     if fallback_label:
         label += f"; fallback {fallback_label}"
-    # A one-row request makes one remote call per chosen expert, or one to dense.
+    # A one-row request makes one remote call per chosen expert, unless the floor sends
+    # it straight to dense, plus one dense call when it goes to dense (floor or escalation).
     experts_per_routed_row = test["mean_experts_per_request"]
-    remote_calls = (1 - test["dense_fraction"]) * experts_per_routed_row + test["dense_fraction"]
+    gated_fraction = 1 - (test["dense_fraction"] - test["escalated_fraction"])
+    remote_calls = gated_fraction * experts_per_routed_row + test["dense_fraction"]
     return {
         "label": label,
         "mixture": mixture_label,
@@ -376,11 +411,12 @@ def _moe_row(mixture_label: str, config: MixtureTrainConfig, routing: RoutingCon
         "mean_experts_per_request": experts_per_routed_row,
         "remote_calls_per_request": remote_calls,
         "dense_fraction": test["dense_fraction"],
+        "escalated_fraction": test["escalated_fraction"],
     }
 
 
 _MEAN_KEYS = ("flops", "validation_flops", "validation_accuracy", "test_accuracy", "mean_experts_per_request",
-              "remote_calls_per_request", "dense_fraction", "epochs")
+              "remote_calls_per_request", "dense_fraction", "escalated_fraction", "epochs")
 
 
 def _average(rows_per_seed: Sequence[Sequence[dict]]) -> list[dict]:
@@ -418,17 +454,20 @@ def _median_latency_ms(predict: Callable[[torch.Tensor], Any], rows: np.ndarray)
 
 
 def _mixture_predictor(gate, experts, routing: RoutingConfig, dense: MLP | None):
-    """One-row mixture forward pass that runs only the chosen experts, as the router does."""
+    """One-row mixture forward pass that runs only the chosen experts, then dense if needed, as the router does."""
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         selection = select_experts(torch.softmax(gate(x), dim=-1), routing)
         if bool(selection.low_confidence[0]) and dense is not None:
             return torch.softmax(dense(x), dim=-1)
-        chosen = torch.flatnonzero(selection.mask[0]).tolist()
+        chosen = torch.nonzero(selection.mask[0]).flatten().tolist()
         expert_probs = torch.zeros(1, len(experts), experts[0].spec.out_features)  # [1, E, C]
         for index in chosen:
             expert_probs[:, index] = torch.softmax(experts[index](x), dim=-1)
-        return combine(expert_probs, selection.weights)
+        mixed = combine(expert_probs, selection.weights)
+        if dense is not None and bool(needs_escalation(mixed, routing)[0]):
+            return torch.softmax(dense(x), dim=-1)
+        return mixed
 
     return predict
 

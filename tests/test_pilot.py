@@ -285,3 +285,34 @@ def test_train_bundle_distils_from_dense(tmp_path, digits):
     # Same seed and data: only the distillation term can make the experts differ.
     assert plain.manifest["files"]["dense"] == distilled.manifest["files"]["dense"]
     assert plain.manifest["files"]["expert-0"] != distilled.manifest["files"]["expert-0"]
+
+
+def test_one_row_predictor_follows_the_serving_route(digits):
+    from experts.models import MLP, MLPSpec
+    from router.gate import Gate, GateSpec
+    from router.policy import needs_escalation
+    from services.mixture import mixture_forward
+    from services.pilot import _mixture_predictor
+
+    torch.manual_seed(0)
+    gate = Gate(GateSpec(64, 3, 0)).eval()
+    experts = [MLP(MLPSpec(64, (8,), 10)).eval() for _ in range(3)]
+    dense = MLP(MLPSpec(64, (16,), 10)).eval()
+    rows = torch.from_numpy(digits.test.x[:40])
+    with torch.no_grad():
+        # Thresholds at the quantiles of these untrained models' scores, so rows take all three routes.
+        probe = RoutingConfig(top_p=0.6, min_k=1, max_k=2, confidence_floor=0.0)
+        mixed, _, _, selection = mixture_forward(gate, torch.nn.ModuleList(experts), rows, probe)
+        floor = float(selection.confidence.quantile(0.3))
+        escalate_below = float(mixed.max(dim=-1).values.quantile(0.6))
+        routing = RoutingConfig(top_p=0.6, min_k=1, max_k=2, confidence_floor=floor, escalate_below=escalate_below)
+
+        mixed, _, _, selection = mixture_forward(gate, torch.nn.ModuleList(experts), rows, routing)
+        to_dense = selection.low_confidence | needs_escalation(mixed, routing)
+        expected = torch.where(to_dense[:, None], torch.softmax(dense(rows), dim=-1), mixed)
+        predict = _mixture_predictor(gate, experts, routing, dense)
+        got = torch.cat([predict(row[None]) for row in rows])
+
+    low, escalated = int(selection.low_confidence.sum()), int(to_dense.sum()) - int(selection.low_confidence.sum())
+    assert low > 0 and escalated > 0 and low + escalated < len(rows)
+    assert torch.allclose(got, expected, atol=1e-6)
