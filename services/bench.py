@@ -5,7 +5,9 @@ One run on one machine measures, side by side:
 2. the dense path (`/v1/predict` with `"path": "dense"`);
 3. the mixture path (`/v1/predict`);
 each closed-loop at several concurrency levels with `services.loadgen`, one example
-per msgpack request. Then the queue path's throughput (requests through the Redis
+per msgpack request. The paths take turns in short rounds, in a rotated order, and each
+path's rounds are pooled, so a change in the machine's background load during the run
+reaches every path alike instead of biasing the ratios. Then the queue path's throughput (requests through the Redis
 stream until every answer is in `results`), the gate's scoring cost per example,
 and the accuracy/compute pilot (`services.pilot.run_pilot`). Results: a table on
 stderr, `bench.json` and PNG plots under the output folder.
@@ -25,7 +27,7 @@ import msgpack
 import numpy as np
 
 from services.codec import MSGPACK, encode_tensor
-from services.loadgen import LoadResult, run_closed_loop
+from services.loadgen import LoadResult, merge_results, run_closed_loop
 from services.settings import Settings
 
 __all__ = ["HEADLINE_CONCURRENCY", "machine_info", "run_bench"]
@@ -169,8 +171,18 @@ def _plot(levels: dict[str, list[LoadResult]], out: Path) -> list[str]:
     return paths
 
 
-def run_bench(settings: Settings, out: Path, quick: bool = False, pilot: bool = True, log=None) -> dict[str, Any]:
-    """Run the whole benchmark and write `bench.json` and plots under `out`."""
+def run_bench(settings: Settings, out: Path, quick: bool = False, pilot: bool = True, log=None,
+              seconds: float | None = None) -> dict[str, Any]:
+    """Run the whole benchmark and write `bench.json` and plots under `out`.
+
+    `seconds` is the measured time per path and concurrency level (default 6 with
+    `quick`, else 15), split into rounds.
+
+    Raises:
+        ValueError: `seconds` is not positive.
+    """
+    if seconds is not None and seconds <= 0:
+        raise ValueError(f"seconds must be positive, got {seconds}")
     from ray import serve
 
     from experts.data import load_dataset
@@ -180,11 +192,15 @@ def run_bench(settings: Settings, out: Path, quick: bool = False, pilot: bool = 
 
     out.mkdir(parents=True, exist_ok=True)
     concurrency_levels = [1, HEADLINE_CONCURRENCY] if quick else [1, 4, HEADLINE_CONCURRENCY, 32]
-    duration_s = 6.0 if quick else 15.0
+    # Per path and level; split into `rounds` turns, each after its own short warm-up.
+    duration_s = seconds if seconds is not None else (6.0 if quick else 15.0)
+    rounds = 3
+    warmup_s = 0.5 if quick else 1.0
     bundle = ensure_bundle(settings.bundle, log=log)
     rows = load_dataset(bundle.manifest["dataset"]["name"], seed=bundle.manifest["dataset"]["seed"]).test.x
 
     levels: dict[str, list[LoadResult]] = {"ceiling": [], "dense": [], "moe": []}
+    round_ratios: list[float] = []
     with LocalServe(settings, log_to_driver=False) as server:
         noop = serve.deployment(NoOp).options(name="noop", ray_actor_options={"num_cpus": 0.1},
                                               max_ongoing_requests=256, logging_config={"enable_access_log": False})
@@ -194,13 +210,23 @@ def run_bench(settings: Settings, out: Path, quick: bool = False, pilot: bool = 
             "dense": (f"{server.http_url}/v1/predict", _request_bodies(rows, "dense")),
             "moe": (f"{server.http_url}/v1/predict", _request_bodies(rows, "auto")),
         }
+        names = list(targets)
         for concurrency in concurrency_levels:
-            for name, (url, bodies) in targets.items():
-                result = run_closed_loop(url, bodies, MSGPACK, concurrency, duration_s,
-                                         warmup_s=1.0 if quick else 3.0)
+            runs: dict[str, list[LoadResult]] = {name: [] for name in names}
+            for round_index in range(rounds):
+                # Rotate the order so that no path always runs first or last.
+                order = names[round_index % len(names):] + names[:round_index % len(names)]
+                for name in order:
+                    url, bodies = targets[name]
+                    runs[name].append(run_closed_loop(url, bodies, MSGPACK, concurrency, duration_s / rounds,
+                                                      warmup_s=warmup_s))
+                if concurrency == HEADLINE_CONCURRENCY and runs["ceiling"][-1].requests_per_s:
+                    round_ratios.append(runs["moe"][-1].requests_per_s / runs["ceiling"][-1].requests_per_s)
+            for name in names:
+                result = merge_results(runs[name])
                 levels[name].append(result)
                 if log is not None:
-                    log.info("bench_level", path=name, **result.to_dict())
+                    log.info("bench_level", path=name, rounds=rounds, **result.to_dict())
         queue = _queue_throughput(server, np.concatenate([rows] * (2 if quick else 6)), log)
 
     headline = {name: next(r for r in results if r.concurrency == HEADLINE_CONCURRENCY)
@@ -217,6 +243,9 @@ def run_bench(settings: Settings, out: Path, quick: bool = False, pilot: bool = 
         "dense_to_ceiling_ratio": round(headline["dense"].requests_per_s / ceiling_rps, 3) if ceiling_rps else None,
         "latency_ms": {name: {"p50": round(r.percentile_ms(50), 3), "p99": round(r.percentile_ms(99), 3)}
                        for name, r in headline.items()},
+        "moe_to_ceiling_ratio_by_round": [round(ratio, 3) for ratio in round_ratios],
+        "rounds": rounds,
+        "seconds_per_path_and_level": duration_s,
         "queue_rps": queue.get("rps") if queue else None,
         "queue": queue,
         "gate_cost_us_per_example": gate_cost(bundle),

@@ -19,7 +19,9 @@ def _format_table(report: dict[str, Any]) -> str:
             ratio = level["rps"] / ceiling["rps"] if ceiling["rps"] else 0.0
             lines.append(f"{name:<9} {level['concurrency']:>7} {level['rps']:>9.1f} {level['p50_ms']:>8.2f} "
                          f"{level['p99_ms']:>8.2f} {ratio:>9.2f}")
-    lines.append(f"mixture / ceiling at {report['concurrency']} clients: {report['moe_to_ceiling_ratio']}")
+    rounds = ", ".join(f"{ratio:.2f}" for ratio in report.get("moe_to_ceiling_ratio_by_round", []))
+    lines.append(f"mixture / ceiling at {report['concurrency']} clients: {report['moe_to_ceiling_ratio']} "
+                 f"(rounds: {rounds})")
     if report.get("queue_rps") is not None:
         lines.append(f"queue path: {report['queue_rps']} req/s")
     lines.append(f"gate cost (µs per example, by batch size): {report['gate_cost_us_per_example']}")
@@ -41,6 +43,10 @@ def bench(
                                 help="Digits bundle; trained when missing."),
     config: Optional[Path] = typer.Option(None, envvar="SWITCHYARD_CONFIG", help="Settings file (YAML or JSON)."),
     pilot: bool = typer.Option(True, "--pilot/--no-pilot", help="Run the accuracy/compute pilot too."),
+    seconds: Optional[float] = typer.Option(
+        None, "--seconds", min=0.1,
+        help="Measured seconds per path and concurrency level, split into 3 rounds (default 6 with --quick, else 15).",
+    ),
 ) -> None:
     """Measure throughput and latency of every path against a no-op ceiling, plus the pilot."""
     from services.bench import run_bench
@@ -53,7 +59,7 @@ def bench(
     settings = _load_settings(config, bundle=bundle, port=0)
     try:
         with _stdout_to_stderr():
-            report = run_bench(settings, out, quick=quick, pilot=pilot, log=log)
+            report = run_bench(settings, out, quick=quick, pilot=pilot, log=log, seconds=seconds)
     except ServeStartError as error:
         _fail(str(error))
     typer.echo(_format_table(report), err=True)

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-__all__ = ["LoadResult", "build_post", "run_closed_loop"]
+__all__ = ["LoadResult", "build_post", "merge_results", "run_closed_loop"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,26 @@ class LoadResult:
             "p50_ms": round(self.percentile_ms(50), 3),
             "p99_ms": round(self.percentile_ms(99), 3),
         }
+
+
+def merge_results(results: Sequence[LoadResult]) -> LoadResult:
+    """Pool several runs at one concurrency: total requests over total measured time.
+
+    Raises:
+        ValueError: `results` is empty or mixes concurrency levels.
+    """
+    if not results:
+        raise ValueError("merge_results needs at least one result")
+    levels = {result.concurrency for result in results}
+    if len(levels) != 1:
+        raise ValueError(f"cannot merge runs at different concurrency levels: {sorted(levels)}")
+    return LoadResult(
+        concurrency=results[0].concurrency,
+        duration_s=sum(result.duration_s for result in results),
+        completed=sum(result.completed for result in results),
+        errors=sum(result.errors for result in results),
+        latencies_s=np.concatenate([result.latencies_s for result in results]),
+    )
 
 
 def _check_loopback(host: str) -> None:
