@@ -20,7 +20,9 @@
 
 An optional `observer` gets one `ExpertCallRecord` per expert call (for metrics and
 logs), and with `forward_request_ids` every expert and dense call also receives the
-ids of the requests whose rows it carries, so that model replicas can log them.
+ids of the requests whose rows it carries, so that model replicas can log them. An
+optional `ride_along` source adds rows to the batch's dense call (the shadow
+evaluator's pending comparisons), so that they need no call of their own.
 
 Not thread-safe: one replica's event loop owns a dispatcher (capacity counts are local).
 """
@@ -114,6 +116,11 @@ class ExpertCallRecord:
 ExpertCall = Callable[..., Any]
 DenseCall = Callable[..., Any]
 ExpertCallObserver = Callable[[ExpertCallRecord], None]
+# Returns None, or extra rows [m, D] for the next dense call and a function to call once
+# with their dense probabilities [m, C] (or with None and the error).
+RideAlong = Callable[[], "tuple[np.ndarray, Callable[[np.ndarray | None, Exception | None], None]] | None"]
+# Request id under which ride-along rows travel in the dense call.
+RIDE_ALONG_ID = "shadow"
 
 
 class MixtureDispatcher:
@@ -134,6 +141,7 @@ class MixtureDispatcher:
         clock: Callable[[], float] = time.perf_counter,
         observer: ExpertCallObserver | None = None,
         forward_request_ids: bool = False,
+        ride_along: RideAlong | None = None,
     ) -> None:
         self.gate = gate.eval()
         self.routing = routing
@@ -150,6 +158,7 @@ class MixtureDispatcher:
         self.clock = clock
         self.observer = observer
         self.forward_request_ids = forward_request_ids
+        self.ride_along = ride_along
         self.last_expert_latency_s: dict[int, float] = {}
 
     async def dispatch(self, items: Sequence[DispatchItem]) -> list[RouteOutcome]:
@@ -181,7 +190,7 @@ class MixtureDispatcher:
                 reasons[gated] = _ROUTER_ERROR
                 mask[gated] = False
 
-        # 4-6. One concurrent call per expert with rows, then escalation of unsure answers.
+        # 4-6. One concurrent call per expert with rows, then escalation of low-confidence outputs.
         outputs = np.zeros((num_rows, self.num_classes), dtype=np.float32)
         await self._call_experts(items, owner, x, mask, weights, reasons, outputs)
         if self.routing.escalate_below > 0:
@@ -193,16 +202,30 @@ class MixtureDispatcher:
         dense_rows = np.flatnonzero(reasons != _TOP_P)
         dense_error: Exception | None = None
         if len(dense_rows):
-            try:
-                dense_args = (x[dense_rows],)
-                if self.forward_request_ids:
-                    dense_args += (_request_ids(items, owner[dense_rows]),)
-                dense_probs = await asyncio.wait_for(_awaitable(self.call_dense(*dense_args)), self.dense_timeout_s)
-                outputs[dense_rows] = dense_probs
-            except Exception as error:  # noqa: BLE001 - reported per request below
-                dense_error = error
+            dense_error = await self._call_dense_rows(items, owner, x, dense_rows, outputs)
 
         return self._split(items, sizes, owner, outputs, mask, weights, scores, k, confidence, reasons, dense_error)
+
+    async def _call_dense_rows(self, items, owner, x, dense_rows, outputs) -> Exception | None:
+        """Call dense once for `dense_rows` and any ride-along rows, fill `outputs`, and return the error if any."""
+        extra = self.ride_along() if self.ride_along is not None else None
+        rows_x = x[dense_rows] if extra is None else np.concatenate([x[dense_rows], extra[0]])
+        args: tuple = (rows_x,)
+        if self.forward_request_ids:
+            ids = _request_ids(items, owner[dense_rows])
+            args += (ids if extra is None else [*ids, RIDE_ALONG_ID],)
+        try:
+            dense_probs = await asyncio.wait_for(_awaitable(self.call_dense(*args)), self.dense_timeout_s)
+        except BaseException as error:  # noqa: BLE001 - reported per request by the caller
+            if extra is not None:
+                extra[1](None, error if isinstance(error, Exception) else RuntimeError("dense call cancelled"))
+            if isinstance(error, Exception):
+                return error
+            raise
+        outputs[dense_rows] = dense_probs[: len(dense_rows)]
+        if extra is not None:
+            extra[1](dense_probs[len(dense_rows):], None)
+        return None
 
     @torch.inference_mode()
     def _select(self, rows_x, gated, mask, weights, scores, k, confidence, reasons) -> None:
@@ -275,7 +298,7 @@ class MixtureDispatcher:
                 results.append(RouteOutcome(error=DenseUnavailable(f"dense model failed: {dense_error!r}")))
                 continue
             experts_per_row = [np.flatnonzero(m).tolist() if not d else [] for m, d in zip(request_mask, on_dense)]
-            # Escalated rows ran their experts before dense answered them.
+            # Escalated rows ran their experts before the dense call, so both costs count.
             expert_ran = (row_reasons == _TOP_P) | (row_reasons == _ESCALATED)
             flops = int((request_mask[expert_ran] * self.expert_flops).sum())
             flops += int(on_dense.sum()) * self.dense_flops

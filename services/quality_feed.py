@@ -182,7 +182,9 @@ class ShadowEvaluator:
 
     `maybe_shadow` returns at once. Sampled requests wait up to `batch_window_s` in a
     pending batch, and each batch goes to dense as ONE call, so shadow traffic adds one
-    handle call per window instead of one per sampled request. At most `max_in_flight`
+    handle call per window instead of one per sampled request. A dense call that the
+    router makes anyway can take the pending batch along (`take_pending`), and then
+    shadow traffic adds no handle call at all. At most `max_in_flight`
     requests are pending or in flight per replica; requests beyond that are not
     shadowed (counted in `skipped`), so shadow traffic cannot pile up behind a slow
     dense model. A failed shadow call is logged (rate-limited) and not counted.
@@ -240,23 +242,58 @@ class ShadowEvaluator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def take_pending(self) -> tuple[np.ndarray, Callable[[np.ndarray | None, Exception | None], None]] | None:
+        """Hand the pending batch to a dense call that is about to go anyway.
+
+        Returns None when nothing is pending, else the rows [n, D] and a function that
+        the caller must call once with the dense probabilities of those rows [n, C], or
+        with None and the error when the call failed.
+        """
+        batch, self._pending = self._pending, []
+        if not batch:
+            return None
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            self._flush_task = None
+        self._requests_in_flight += len(batch)
+        delivered = False
+
+        def deliver(dense_probs: np.ndarray | None, error: Exception | None = None) -> None:
+            nonlocal delivered
+            if delivered:
+                return
+            delivered = True
+            try:
+                self._score(batch, dense_probs, error)
+            finally:
+                self._requests_in_flight -= len(batch)
+
+        return np.concatenate([rows for _, rows, _, _ in batch]), deliver
+
     async def _compare(self, batch: list[tuple[str, np.ndarray, np.ndarray, int]]) -> None:
         try:
             rows_x = np.concatenate([rows for _, rows, _, _ in batch])
             try:
                 dense_probs = await asyncio.wait_for(_awaitable(self.call_dense(rows_x)), self.timeout_s)
             except Exception as error:  # noqa: BLE001 - a failed shadow call is no quality signal
-                self._warnings.warn(self.log, "shadow_call_failed", request_ids=[r for r, _, _, _ in batch],
-                                    error=repr(error))
+                self._score(batch, None, error)
                 return
-            dense_predictions = np.argmax(dense_probs, axis=1)
-            start = 0
-            for _, rows, moe_predictions, policy_version in batch:
-                agreed = int((dense_predictions[start : start + len(rows)] == moe_predictions).sum())
-                start += len(rows)
-                self._record(policy_version, len(moe_predictions), agreed)
+            self._score(batch, dense_probs, None)
         finally:
             self._requests_in_flight -= len(batch)
+
+    def _score(self, batch: list[tuple[str, np.ndarray, np.ndarray, int]], dense_probs: np.ndarray | None,
+               error: Exception | None) -> None:
+        if error is not None or dense_probs is None:
+            self._warnings.warn(self.log, "shadow_call_failed", request_ids=[r for r, _, _, _ in batch],
+                                error=repr(error))
+            return
+        dense_predictions = np.argmax(dense_probs, axis=1)
+        start = 0
+        for _, rows, moe_predictions, policy_version in batch:
+            agreed = int((dense_predictions[start : start + len(rows)] == moe_predictions).sum())
+            start += len(rows)
+            self._record(policy_version, len(moe_predictions), agreed)
 
     def _record(self, policy_version: int, rows: int, agreed: int) -> None:
         self.recorder.record_shadow(policy_version, rows, agreed)

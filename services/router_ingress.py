@@ -109,6 +109,8 @@ class RouterIngress:
                 comparisons_counter=self.telemetry.metrics.shadow_comparisons,
             )
             self.supervision.start()  # Serve runs the constructor on the replica's event loop.
+            # Pending shadow comparisons ride along with the dense calls that batches make anyway.
+            self.dispatcher.ride_along = self.supervision.shadow.take_pending
         self.batcher = AdaptiveBatcher(self.dispatcher.dispatch, max_batch_size=self.settings.replica.max_batch_size,
                                        max_concurrent_batches=self.settings.max_concurrent_batches,
                                        fill_wait_s=self.settings.replica.batch_wait_timeout_s)

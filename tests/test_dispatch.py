@@ -174,9 +174,61 @@ async def test_unsure_expert_answers_escalate_to_dense(make_dispatcher, trained_
             assert outcome.path == "dense"
             assert outcome.experts == [[]]
             np.testing.assert_allclose(outcome.outputs[0], run_model(dense, row[None])[0], atol=1e-6)
-            # The expert ran before dense answered, so both count.
+            # The expert ran before the dense call, so both costs count.
             assert outcome.flops == cost + flops["dense"]
         else:
             assert outcome.reason == "top_p"
             np.testing.assert_allclose(outcome.outputs[0], expert_answer.outputs[0], atol=1e-6)
             assert outcome.flops == cost
+
+
+async def test_ride_along_rows_share_the_batch_dense_call(trained_bundle, digits):
+    manifest = trained_bundle.manifest
+    experts = [load_module(trained_bundle, f"expert-{i}") for i in range(len(manifest["experts"]))]
+    dense = load_module(trained_bundle, "dense")
+    dense_calls = []
+    delivered = []
+
+    async def call_expert(expert, rows):
+        return run_model(experts[expert], rows)
+
+    async def call_dense(rows, request_ids):
+        dense_calls.append(list(request_ids))
+        return run_model(dense, rows)
+
+    extra_rows = digits.test.x[100:103]
+    pending = [(extra_rows, lambda probs, error: delivered.append((probs, error)))]
+    dispatcher = MixtureDispatcher(
+        gate=load_module(trained_bundle, "gate"), routing=RoutingConfig(**manifest["routing"]),
+        num_classes=len(manifest["dataset"]["class_names"]),
+        expert_flops=[manifest["flops"][f"expert-{i}"] for i in range(len(experts))],
+        dense_flops=manifest["flops"]["dense"], call_expert=call_expert, call_dense=call_dense,
+        expert_capacity=512, expert_timeout_s=5.0, dense_timeout_s=5.0, forward_request_ids=True,
+        ride_along=lambda: pending.pop() if pending else None,
+    )
+    items = items_for(digits.test.x[:2], force_dense=True) + items_for(digits.test.x[2:4])
+
+    outcomes = await dispatcher.dispatch(items)
+    await dispatcher.dispatch(items_for(digits.test.x[:1], force_dense=True))
+
+    # One dense call per batch: the forced rows and the ride-along rows travel together.
+    assert len(dense_calls) == 2
+    assert dense_calls[0][-1] == "shadow"
+    assert "shadow" not in dense_calls[1]
+    for row, outcome in zip(digits.test.x[:2], outcomes[:2]):
+        np.testing.assert_allclose(outcome.outputs[0], run_model(dense, row[None])[0], atol=1e-6)
+    (probs, error), = delivered
+    assert error is None
+    np.testing.assert_allclose(probs, run_model(dense, extra_rows), atol=1e-6)
+
+
+async def test_failed_dense_call_reports_to_ride_along(make_dispatcher, trained_bundle, digits):
+    dispatcher, _ = make_dispatcher(dense_fails=True)
+    delivered = []
+    dispatcher.ride_along = lambda: (digits.test.x[:2], lambda probs, error: delivered.append((probs, error)))
+
+    outcomes = await dispatcher.dispatch(items_for(digits.test.x[:1], force_dense=True))
+
+    assert isinstance(outcomes[0].error, DenseUnavailable)
+    (probs, error), = delivered
+    assert probs is None and isinstance(error, RuntimeError)

@@ -179,3 +179,45 @@ def test_feedback_rejects_invalid_body(body, status, field):
 
     assert raised.value.status == status
     assert raised.value.field == field
+
+
+async def test_shadow_rows_ride_along(recorder):
+    model = tiny_dense()
+    own_calls = []
+
+    async def counting_dense(rows):
+        own_calls.append(len(rows))
+        return await dense_caller(model)(rows)
+
+    rows = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    with torch.inference_mode():
+        dense_predictions = model(torch.from_numpy(rows)).argmax(dim=-1).tolist()
+    shadow = ShadowEvaluator(counting_dense, recorder, fraction=1.0, max_in_flight=8, timeout_s=5.0,
+                             batch_window_s=0.05)
+    shadow.maybe_shadow("a", rows[:2], dense_predictions[:2], ["top_p", "top_p"], policy_version=1)
+    shadow.maybe_shadow("b", rows[2:], [(dense_predictions[2] + 1) % 3], ["top_p"], policy_version=1)
+
+    pending = shadow.take_pending()
+    assert pending is not None
+    ride_rows, deliver = pending
+    np.testing.assert_array_equal(ride_rows, rows)
+    assert shadow._requests_in_flight == 2
+    deliver(await dense_caller(model)(ride_rows), None)
+    deliver(await dense_caller(model)(ride_rows), None)  # a second delivery is ignored
+    await asyncio.sleep(0.1)  # past the window: nothing is left to flush
+
+    assert own_calls == []
+    assert shadow.take_pending() is None
+    assert shadow._requests_in_flight == 0
+    assert (recorder.counts[1].shadow_rows, recorder.counts[1].shadow_agreed) == (3, 2)
+
+
+async def test_failed_ride_along_is_not_counted(recorder):
+    shadow = ShadowEvaluator(dense_caller(tiny_dense()), recorder, fraction=1.0, max_in_flight=8, timeout_s=5.0)
+    shadow.maybe_shadow("a", np.zeros((1, 4), np.float32), [0], ["top_p"], policy_version=0)
+
+    _, deliver = shadow.take_pending()
+    deliver(None, RuntimeError("dense down"))
+
+    assert recorder.counts == {}
+    assert shadow._requests_in_flight == 0
