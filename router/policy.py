@@ -12,7 +12,8 @@ Rule, per row:
 4. Renormalise the kept probabilities to sum to 1; those are the combine weights.
 5. After the experts answer, a row whose combined top class probability is below
    `escalate_below` goes to the dense model as well (reason `escalated`), so a cheap
-   expert answers the rows it is sure of and dense the rest. 0 turns this off.
+   expert predicts the rows it is confident about and dense predicts the rest. 0 turns
+   this off.
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ def combine(expert_probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def needs_escalation(mixed_probs: torch.Tensor, config: RoutingConfig) -> torch.Tensor:
-    """Rows [N] bool whose combined class probabilities [N, C] are too unsure to answer.
+    """Mask [N] of rows whose combined class probabilities [N, C] are below `escalate_below`.
 
-    Only rows the experts answered should be passed; all False when `escalate_below` is 0.
+    Pass only rows that the experts predicted. The mask is all False when `escalate_below` is 0.
     """
     return mixed_probs.max(dim=-1).values < config.escalate_below

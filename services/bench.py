@@ -193,7 +193,10 @@ def run_bench(settings: Settings, out: Path, quick: bool = False, pilot: bool = 
     out.mkdir(parents=True, exist_ok=True)
     concurrency_levels = [1, HEADLINE_CONCURRENCY] if quick else [1, 4, HEADLINE_CONCURRENCY, 32]
     # Per path and level; split into `rounds` turns, each after its own short warm-up.
-    duration_s = seconds if seconds is not None else (6.0 if quick else 15.0)
+    if seconds is not None:
+        duration_s = seconds
+    else:
+        duration_s = 6.0 if quick else 15.0
     rounds = 3
     warmup_s = 0.5 if quick else 1.0
     bundle = ensure_bundle(settings.bundle, log=log)

@@ -103,7 +103,7 @@ class PilotPlan:
 
 def _routing_grid(top_ps: Sequence[float], ks: Sequence[tuple[int, int]], floors: Sequence[float],
                   escalations: Sequence[float] = (0.0,)) -> tuple[RoutingConfig, ...]:
-    """Every (top_p, (min_k, max_k), floor, escalation) combination, with one top_p when min_k = max_k."""
+    """Build every (top_p, (min_k, max_k), floor, escalation) combination, with one top_p when min_k = max_k."""
     settings = []
     for min_k, max_k in ks:
         for top_p in (top_ps if max_k > min_k else top_ps[:1]):
@@ -127,7 +127,7 @@ def _mixture(num_experts: int, expert_hidden: tuple[int, ...], gate_hidden: int,
 
 
 def _indices(dense: Sequence[DenseTrainConfig], *wanted: tuple[tuple[int, ...], float]) -> tuple[int, ...]:
-    """Positions in `dense` of the (hidden, input_dropout) pairs in `wanted`."""
+    """Return the positions in `dense` of the (hidden, input_dropout) pairs in `wanted`."""
     keys = [(config.hidden, config.input_dropout) for config in dense]
     return tuple(keys.index(key) for key in wanted)
 

@@ -314,5 +314,7 @@ def test_one_row_predictor_follows_the_serving_route(digits):
         got = torch.cat([predict(row[None]) for row in rows])
 
     low, escalated = int(selection.low_confidence.sum()), int(to_dense.sum()) - int(selection.low_confidence.sum())
-    assert low > 0 and escalated > 0 and low + escalated < len(rows)
+    assert low > 0
+    assert escalated > 0
+    assert low + escalated < len(rows)
     assert torch.allclose(got, expected, atol=1e-6)
