@@ -30,7 +30,8 @@ from services.policy_state import SupervisorKeys
 __all__ = ["QualityRecorder", "ShadowEvaluator", "decode_quality_entry"]
 
 # Row reasons (see services.dispatch.REASON_CODES) that mean the row was routed to experts.
-_EXPERT_REASONS = ("top_p", "expert_error", "expert_timeout")
+# An escalated row's expert call succeeded before dense answered it.
+_EXPERT_REASONS = ("top_p", "expert_error", "expert_timeout", "escalated")
 # Rows that skipped the gate carry no gate confidence.
 _UNGATED_REASONS = ("requested", "supervisor")
 MAX_QUALITY_ENTRIES = 100_000

@@ -221,3 +221,14 @@ async def test_failed_ride_along_is_not_counted(recorder):
 
     assert recorder.counts == {}
     assert shadow._requests_in_flight == 0
+
+
+async def test_escalated_rows_count_as_expert_rows(recorder):
+    recorder.record_request("a", 1, ["top_p", "escalated", "expert_error"], [0.9, 0.8, 0.7], [1, 2, 3], 0.01)
+
+    counts = recorder.counts[1]
+    # The error rate's denominator includes the escalated row, whose expert call succeeded.
+    assert counts.expert_rows == 3
+    assert counts.expert_errors == 1
+    assert counts.fallbacks == {"escalated": 1, "expert_error": 1}
+    assert counts.moe_requests == 1
