@@ -171,6 +171,18 @@ def _plot(levels: dict[str, list[LoadResult]], out: Path) -> list[str]:
     return paths
 
 
+def _command_line(quick: bool, pilot: bool, seconds: float | None) -> str:
+    """Return the `switchyard bench` options that shape the measurement, for the report."""
+    parts = ["switchyard bench"]
+    if quick:
+        parts.append("--quick")
+    if not pilot:
+        parts.append("--no-pilot")
+    if seconds is not None:
+        parts.append(f"--seconds {seconds:g}")
+    return " ".join(parts)
+
+
 def run_bench(settings: Settings, out: Path, quick: bool = False, pilot: bool = True, log=None,
               seconds: float | None = None) -> dict[str, Any]:
     """Run the whole benchmark and write `bench.json` and plots under `out`.
@@ -237,7 +249,7 @@ def run_bench(settings: Settings, out: Path, quick: bool = False, pilot: bool = 
     ceiling_rps = headline["ceiling"].requests_per_s
     report: dict[str, Any] = {
         "machine": machine_info(),
-        "command": "switchyard bench" + (" --quick" if quick else ""),
+        "command": _command_line(quick, pilot, seconds),
         "concurrency": HEADLINE_CONCURRENCY,
         "ceiling_rps": round(ceiling_rps, 1),
         "dense_rps": round(headline["dense"].requests_per_s, 1),

@@ -24,7 +24,8 @@ def _format_table(report: dict[str, Any]) -> str:
                  f"(rounds: {rounds})")
     if report.get("queue_rps") is not None:
         lines.append(f"queue path: {report['queue_rps']} req/s")
-    lines.append(f"gate cost (µs per example, by batch size): {report['gate_cost_us_per_example']}")
+    costs = ", ".join(f"{cost:g} µs at batch {batch}" for batch, cost in report["gate_cost_us_per_example"].items())
+    lines.append(f"gate cost per example: {costs}")
     pilot = report.get("pilot")
     if pilot:
         lines.append(
@@ -51,9 +52,11 @@ def bench(
     """Measure throughput and latency of every path against a no-op ceiling, plus the pilot."""
     from services.bench import run_bench
     from services.cli import _fail, _load_settings, _print_json, _stdout_to_stderr
+    from services.cli_pilot import prepare_out_dir
     from services.runtime import ServeStartError
     from monitoring.logging import configure_logging, get_logger
 
+    prepare_out_dir(out)
     configure_logging()
     log = get_logger("bench")
     settings = _load_settings(config, bundle=bundle, port=0)

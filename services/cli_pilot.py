@@ -25,9 +25,13 @@ def pilot(
     json_output: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
 ) -> None:
     """Train dense MLPs and mixtures over several seeds; report where the mixture matches dense."""
-    from experts.data import DatasetError
+    from experts.data import BUILTIN_DATASETS, DatasetError
     from services.pilot import run_pilot
 
+    if dataset not in BUILTIN_DATASETS:
+        _usage_error(f"invalid value for --dataset: unknown dataset {dataset!r}; "
+                     f"use one of {', '.join(BUILTIN_DATASETS)}")
+    prepare_out_dir(out)
     configure_logging()
     log = get_logger("cli")
     try:
@@ -41,18 +45,35 @@ def pilot(
     typer.echo(format_pilot(report))
 
 
+def _usage_error(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create the output directory, or exit with status 2 and a message naming --out."""
+    if out.exists() and not out.is_dir():
+        _usage_error(f"invalid value for --out: {str(out)!r} is a file; pass a directory path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _usage_error(f"invalid value for --out: cannot create directory {str(out)!r} ({error.strerror}); "
+                     "pass a writable directory path")
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
 def format_pilot(report: dict[str, Any]) -> str:
     """Format a pilot report as a few human-readable lines."""
+    seeds = report["seeds"]
     lines = [
-        f"Pilot on {report['dataset']}, mean of {report['seeds']} seeds "
+        f"Pilot on {report['dataset']}, mean of {seeds} seed{'s' if seeds != 1 else ''} "
         f"(chosen on validation, reported on test), {report['seconds']} s",
-        f"  best dense      {report['dense_best_label']:<24} {_percent(report['dense_best_accuracy'])} "
+        f"  best dense      {report['dense_best_label']}: {_percent(report['dense_best_accuracy'])} "
         f"at {report['dense_best_flops']:,.0f} FLOPs",
-        f"  matching dense  {report['dense_match_label']:<24} {_percent(report['dense_match_accuracy'])} "
+        f"  matching dense  {report['dense_match_label']}: {_percent(report['dense_match_accuracy'])} "
         f"at {report['dense_match_flops']:,.0f} FLOPs",
     ]
     setting = report["moe_setting"]
@@ -68,10 +89,19 @@ def format_pilot(report: dict[str, Any]) -> str:
             f"{report['mean_experts_per_request']:.2f} experts and {report['remote_calls_per_request']:.2f} "
             f"remote calls per request, {setting['dense_fraction']:.1%} of rows to dense",
             f"  FLOPs ratio     {report['moe_flops_ratio']:.3f} (target <= {report['target_flops_ratio']:g}: "
-            f"{'met' if report['meets_target'] else 'not met'})",
+            f"{'met' if report['meets_target'] else 'not met'}, matched on validation)",
+            f"  on test         {_test_gap(report)}",
         ]
     lines.append(f"  plots           {', '.join(report['plots'])}")
     return "\n".join(lines)
+
+
+def _test_gap(report: dict[str, Any]) -> str:
+    gap = 100 * (report["dense_best_accuracy"] - report["moe_accuracy"])
+    band = 100 * report["match_tolerance"]
+    where = "within" if report["moe_matches_on_test"] else "outside"
+    relation = f"{gap:.2f} point under" if gap > 0 else f"{-gap:.2f} point over"
+    return f"the mixture is {relation} the best dense model, {where} the {band:g}-point band"
 
 
 def register(app: typer.Typer) -> None:

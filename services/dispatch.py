@@ -297,9 +297,10 @@ class MixtureDispatcher:
             if dense_error is not None and on_dense.any():
                 results.append(RouteOutcome(error=DenseUnavailable(f"dense model failed: {dense_error!r}")))
                 continue
-            experts_per_row = [np.flatnonzero(m).tolist() if not d else [] for m, d in zip(request_mask, on_dense)]
-            # Escalated rows ran their experts before the dense call, so both costs count.
+            # Escalated rows ran their experts before the dense call, so they list those experts
+            # and pay for both.
             expert_ran = (row_reasons == _TOP_P) | (row_reasons == _ESCALATED)
+            experts_per_row = [np.flatnonzero(m).tolist() if ran else [] for m, ran in zip(request_mask, expert_ran)]
             flops = int((request_mask[expert_ran] * self.expert_flops).sum())
             flops += int(on_dense.sum()) * self.dense_flops
             gated_rows = ~np.isin(row_reasons, (_REQUESTED, _SUPERVISOR))

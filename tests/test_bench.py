@@ -58,6 +58,9 @@ def test_bench_reports_every_path_against_the_ceiling(trained_bundle, tmp_path):
     for plot in report["plots"]:
         assert os.path.getsize(plot) > 1000
     assert f"mixture / ceiling at {HEADLINE_CONCURRENCY} clients" in result.stderr
+    assert "gate cost per example: " in result.stderr
+    # The report names the options that shaped the run, so that it can be rerun as written.
+    assert report["command"] == "switchyard bench --quick --no-pilot --seconds 1.5"
 
 
 def test_bench_rejects_non_positive_seconds(tmp_path):

@@ -172,7 +172,9 @@ async def test_unsure_expert_answers_escalate_to_dense(make_dispatcher, trained_
         if top < 0.97:
             assert outcome.reason == "escalated"
             assert outcome.path == "dense"
-            assert outcome.experts == [[]]
+            # The response still names the expert that was consulted.
+            assert outcome.experts == [[expert]]
+            assert outcome.k == [1]
             np.testing.assert_allclose(outcome.outputs[0], run_model(dense, row[None])[0], atol=1e-6)
             # The expert ran before the dense call, so both costs count.
             assert outcome.flops == cost + flops["dense"]

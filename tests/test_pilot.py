@@ -266,10 +266,48 @@ def test_pilot_counts_gate_experts_and_fallback_flops(tiny_pilot):
 def test_cli_rejects_unknown_dataset(tmp_path):
     from services.cli import app
 
-    result = CliRunner().invoke(app, ["pilot", "--dataset", "cifar", "--out", str(tmp_path)])
+    out = tmp_path / "pilot"
+    result = CliRunner().invoke(app, ["pilot", "--dataset", "cifar", "--out", str(out)])
 
     assert result.exit_code == 2
-    assert "unknown dataset 'cifar'" in result.output
+    assert "invalid value for --dataset: unknown dataset 'cifar'; use one of digits, mnist5k" in result.output
+    assert not out.exists()  # rejected before anything is written
+
+
+@pytest.mark.parametrize("command", ["pilot", "bench"])
+def test_cli_rejects_file_as_out(tmp_path, command):
+    from services.cli import app
+
+    regular = tmp_path / "results.txt"
+    regular.write_text("")
+
+    as_dir = CliRunner().invoke(app, [command, "--out", str(regular)])
+    below_file = CliRunner().invoke(app, [command, "--out", str(regular / "sub")])
+
+    assert as_dir.exit_code == 2
+    assert f"invalid value for --out: '{regular}' is a file; pass a directory path" in as_dir.output
+    assert below_file.exit_code == 2
+    assert "invalid value for --out: cannot create directory" in below_file.output
+
+
+def test_text_report_states_test_gap():
+    from services.cli_pilot import format_pilot
+
+    report = {
+        "dataset": "mnist5k", "seeds": 1, "seconds": 1.0, "plots": ["a.png"],
+        "dense_best_label": "dense 64, input dropout 0.2", "dense_best_accuracy": 0.9237, "dense_best_flops": 50816,
+        "dense_match_label": "dense 64, input dropout 0.2", "dense_match_accuracy": 0.9237,
+        "dense_match_flops": 50816, "moe_setting": {"label": "4 experts x 8", "dense_fraction": 0.14},
+        "moe_accuracy": 0.918, "moe_flops": 16738, "mean_experts_per_request": 1.0,
+        "remote_calls_per_request": 1.14, "moe_flops_ratio": 0.329, "target_flops_ratio": 0.35,
+        "meets_target": True, "moe_matches_on_test": False, "match_tolerance": 0.005,
+    }
+
+    text = format_pilot(report)
+
+    assert "mean of 1 seed (" in text
+    assert "dense 64, input dropout 0.2: 92.37% at 50,816 FLOPs" in text
+    assert "the mixture is 0.57 point under the best dense model, outside the 0.5-point band" in text
 
 
 @pytest.mark.slow
