@@ -266,6 +266,9 @@ class ShadowEvaluator:
             delivered = True
             try:
                 self._score(batch, dense_probs, error)
+            except Exception as record_error:  # noqa: BLE001 - runs inside a request's dispatch
+                self._warnings.warn(self.log, "shadow_record_failed", request_ids=[r for r, _, _, _ in batch],
+                                    error=repr(record_error))
             finally:
                 self._requests_in_flight -= len(batch)
 

@@ -232,3 +232,19 @@ async def test_escalated_rows_count_as_expert_rows(recorder):
     assert counts.expert_errors == 1
     assert counts.fallbacks == {"escalated": 1, "expert_error": 1}
     assert counts.moe_requests == 1
+
+
+async def test_ride_along_recording_error_stays_inside(recorder):
+    class BrokenGauge:
+        def set(self, value):
+            raise RuntimeError("metrics backend down")
+
+    shadow = ShadowEvaluator(dense_caller(tiny_dense()), recorder, fraction=1.0, max_in_flight=8, timeout_s=5.0,
+                             agreement_gauge=BrokenGauge())
+    shadow.maybe_shadow("a", np.zeros((1, 4), np.float32), [0], ["top_p"], policy_version=0)
+
+    _, deliver = shadow.take_pending()
+    deliver(np.array([[1.0, 0.0, 0.0]], np.float32), None)  # must not raise into the dispatch
+
+    assert shadow._requests_in_flight == 0
+    assert recorder.counts[0].shadow_rows == 1
