@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from services.faults import Fault, parse_fault
+from services.faults import Fault, add_noise, parse_fault
 from services.loopback import bind_replica_grpc_to_loopback
 
 __all__ = ["ModelReplica"]
@@ -78,7 +78,7 @@ class ModelReplica:
             return self.fault
         return None
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def __call__(self, batches: list[np.ndarray], request_ids: list[list[str]]) -> list[np.ndarray]:
         """Run one forward pass over the merged calls; `request_ids[i]` lists call i's request ids, for logs."""
         try:
@@ -105,7 +105,7 @@ class ModelReplica:
         self.log.debug("forward_pass", rows=len(x), calls=len(batches), duration_s=round(duration_s, 6),
                        request_ids=[request_id for call_ids in request_ids for request_id in call_ids])
         if fault is not None and fault.kind == "noise":
-            probs = self._add_noise(probs, fault.noise_scale)
+            probs = add_noise(probs, fault.noise_scale, self._rng)
         return np.split(probs, np.cumsum(sizes)[:-1])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -114,10 +114,6 @@ class ModelReplica:
         with torch.inference_mode():
             logits = self.model(torch.from_numpy(x).to(self.device))
             return torch.softmax(logits, dim=-1).cpu().numpy()
-
-    def _add_noise(self, probs: np.ndarray, scale: float) -> np.ndarray:
-        noisy = probs + self._rng.exponential(scale, size=probs.shape).astype(np.float32)
-        return noisy / noisy.sum(axis=1, keepdims=True)
 
     def ping(self) -> dict[str, Any]:
         fault = self._active_fault()

@@ -73,7 +73,9 @@ class ReplicaSettings(_Strict):
     )
     max_batch_size: int = Field(32, ge=1, description="Maximum calls merged into one forward pass.")
     batch_wait_timeout_s: float = Field(
-        0.002, ge=0, description="Seconds a partial batch waits for more calls."
+        0.0, ge=0, description="Seconds a partial batch waits for more calls; 0 merges only the calls already "
+                               "waiting. The router sends one call per model per batch of requests, so a wait pays "
+                               "off only where several router replicas share a model (a GPU pool)."
     )
     max_ongoing_requests: int = Field(
         64, ge=1, description="Calls a replica accepts at once; at least max_batch_size."
@@ -168,6 +170,10 @@ class SupervisorSettings(_Strict):
         0.2, ge=0, le=1, description="Share of mixture-answered requests also sent to dense off the response path."
     )
     max_shadow_in_flight: int = Field(32, ge=1, description="Shadow calls in flight per router replica; more are skipped.")
+    shadow_window_s: float = Field(
+        0.5, gt=0, description="Seconds sampled requests wait to share one dense call, unless a dense call the "
+                               "router makes anyway takes them first, or half of max_shadow_in_flight are waiting."
+    )
     flush_interval_s: float = Field(0.5, gt=0, description="Seconds between quality-record flushes of each router replica.")
     poll_interval_s: float = Field(2.0, gt=0, description="Seconds between policy re-reads of each router replica.")
     prediction_ttl_s: int = Field(3600, ge=1, description="Seconds a prediction is kept for `/v1/feedback`.")
