@@ -182,7 +182,8 @@ class ShadowEvaluator:
     """Compares mixture predictions with dense on a share of requests, off the response path.
 
     `maybe_shadow` returns at once. Sampled requests wait up to `batch_window_s` in a
-    pending batch, and each batch goes to dense as ONE call, so shadow traffic adds one
+    pending batch (or until half of `max_in_flight` are pending), and each batch goes
+    to dense as ONE call, so shadow traffic adds one
     handle call per window instead of one per sampled request. A dense call that the
     router makes anyway can take the pending batch along (`take_pending`), and then
     shadow traffic adds no handle call at all. At most `max_in_flight`
@@ -225,7 +226,13 @@ class ShadowEvaluator:
         rows_x = np.ascontiguousarray(inputs.reshape(len(inputs), -1)[moe_rows])
         moe_predictions = np.asarray(predictions)[moe_rows]
         self._pending.append((request_id, rows_x, moe_predictions, policy_version))
-        if self._flush_task is None:
+        if len(self._pending) * 2 >= self.max_in_flight:
+            # A full half of the in-flight budget leaves now rather than be skipped later.
+            if self._flush_task is not None:
+                self._flush_task.cancel()
+                self._flush_task = None
+            self._send_pending()
+        elif self._flush_task is None:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_after_window())
         return True
 

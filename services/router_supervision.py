@@ -49,6 +49,7 @@ class RouterSupervision:
             fraction=supervisor.shadow_fraction,
             max_in_flight=supervisor.max_shadow_in_flight,
             timeout_s=settings.router.dense_timeout_s,
+            batch_window_s=supervisor.shadow_window_s,
             agreement_gauge=agreement_gauge,
             comparisons_counter=comparisons_counter,
         )

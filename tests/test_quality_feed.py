@@ -145,6 +145,25 @@ async def test_shadow_in_flight_limit_skips(recorder):
     assert shadow.skipped == 3
 
 
+async def test_shadow_batch_leaves_when_half_the_budget_waits(recorder):
+    calls: list[int] = []
+
+    async def counting_dense(rows: np.ndarray) -> np.ndarray:
+        calls.append(len(rows))
+        return np.ones((len(rows), 3), np.float32) / 3
+
+    shadow = ShadowEvaluator(counting_dense, recorder, fraction=1.0, max_in_flight=8, timeout_s=5.0,
+                             batch_window_s=60.0)
+    for i in range(5):
+        shadow.maybe_shadow(f"r{i}", np.zeros((1, 4), np.float32), [0], ["top_p"], 0)
+    await asyncio.sleep(0.05)  # far less than the window
+
+    assert calls == [4]  # the fifth request waits for the window, or for the next four
+    await shadow.drain()
+    assert calls == [4, 1]
+    assert recorder.counts[0].shadow_rows == 5
+
+
 async def test_failed_shadow_call_is_not_counted(recorder):
     async def failing_dense(rows: np.ndarray) -> np.ndarray:
         raise RuntimeError("dense is down")
