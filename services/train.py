@@ -1,4 +1,9 @@
-"""`switchyard train`: train gate, experts and dense model on one split; write a bundle."""
+"""`switchyard train`: train gate, experts and dense model on one split; write a bundle.
+
+After training, `select_routing` may replace the configured routing with a cheaper one
+that is exactly as accurate on the validation split (see its docstring); the manifest
+records every candidate it scored.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,13 @@ from experts.models import count_parameters
 from router.policy import RoutingConfig
 from services.mixture import DenseTrainConfig, MixtureTrainConfig, evaluate_mixture, train_dense, train_mixture
 
-__all__ = ["DEFAULT_MIXTURE", "DEFAULT_DENSE", "module_table", "train_bundle"]
+__all__ = ["DEFAULT_MIXTURE", "DEFAULT_DENSE", "module_table", "select_routing", "train_bundle"]
+
+# Values `select_routing` tries besides the configured ones: smaller top_p, lower gate
+# confidence floors and escalation thresholds (escalation judges the experts' own answer).
+ROUTING_TOP_P_CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.9)
+ROUTING_FLOOR_CANDIDATES = (0.0, 0.3)
+ROUTING_ESCALATION_CANDIDATES = (0.6, 0.7, 0.8, 0.9)
 
 # Defaults for the digits demo. The dense baseline is an ordinary two-layer MLP for
 # 8x8 images; each expert is a one-layer MLP a tenth of its size.
@@ -30,14 +41,65 @@ def _accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((predictions == y).mean())
 
 
+def select_routing(gate, experts, dense_model, x: np.ndarray, y: np.ndarray,
+                   configured: RoutingConfig) -> tuple[RoutingConfig, list[dict]]:
+    """The cheapest routing that is at least as accurate on (x, y) as `configured`.
+
+    Candidates keep the configured `min_k` and combine: every `max_k` from `min_k` up
+    to the configured one; the configured `top_p` and the smaller values of
+    `ROUTING_TOP_P_CANDIDATES`; the configured confidence floor and the lower values of
+    `ROUTING_FLOOR_CANDIDATES`; the configured escalation threshold and the higher
+    values of `ROUTING_ESCALATION_CANDIDATES`. If `configured` sends unsure rows to
+    dense (a floor or an escalation threshold above 0), every candidate keeps at least
+    one of the two above 0. A candidate qualifies when its accuracy
+    is at least the configured routing's; the winner has the fewest FLOPs per example
+    (dense rows included), then the fewest experts per routed row. The configured
+    routing is scored first and always qualifies, so the result is never less
+    accurate on (x, y).
+
+    Returns the chosen routing and one record per candidate, in the order scored.
+    """
+    # A routing that sends unsure rows to dense keeps doing so: the choice may trade the
+    # gate's floor for escalation on the experts' answer, but not drop both.
+    keeps_fallback = configured.confidence_floor > 0 or configured.escalate_below > 0
+    top_ps = sorted({configured.top_p, *(p for p in ROUTING_TOP_P_CANDIDATES if p < configured.top_p)})
+    floors = sorted({configured.confidence_floor,
+                     *(f for f in ROUTING_FLOOR_CANDIDATES if f < configured.confidence_floor)})
+    escalations = sorted({configured.escalate_below,
+                          *(e for e in ROUTING_ESCALATION_CANDIDATES if e > configured.escalate_below)})
+    candidates = [configured] + [
+        replace(configured, top_p=top_p, max_k=max_k, confidence_floor=floor, escalate_below=escalation)
+        for max_k in range(configured.min_k, configured.max_k + 1) for top_p in top_ps
+        for floor in floors for escalation in escalations
+        if (top_p, max_k, floor, escalation) != (configured.top_p, configured.max_k, configured.confidence_floor,
+                                                  configured.escalate_below)
+        and (floor > 0 or escalation > 0 or not keeps_fallback)
+    ]
+    records = []
+    for routing in candidates:
+        scored = evaluate_mixture(gate, experts, x, y, routing, dense=dense_model)
+        records.append({"routing": asdict(routing), "accuracy": scored["accuracy"],
+                        "flops_per_example": scored["flops_per_example"],
+                        "dense_fraction": scored["dense_fraction"],
+                        "mean_experts_per_request": scored["mean_experts_per_request"]})
+    floor_accuracy = records[0]["accuracy"]
+    best = min((index for index, record in enumerate(records) if record["accuracy"] >= floor_accuracy),
+               key=lambda index: (records[index]["flops_per_example"], records[index]["mean_experts_per_request"]))
+    return candidates[best], records
+
+
 def train_bundle(
     dataset: Dataset,
     out: str | Path,
     mixture: MixtureTrainConfig = DEFAULT_MIXTURE,
     dense: DenseTrainConfig = DEFAULT_DENSE,
     seed: int | None = None,
+    choose_routing: bool = True,
 ) -> tuple[Bundle, dict]:
     """Train everything on `dataset` and save a verified bundle at `out`.
+
+    With `choose_routing`, the bundle's routing is `select_routing` on the validation
+    split, starting from `mixture.routing`; without it, `mixture.routing` as given.
 
     Returns the bundle and a report with parameters, FLOPs per example and metrics of
     every module.
@@ -59,7 +121,10 @@ def train_bundle(
         teacher=dense_model if mixture.distill_weight > 0 else None,
     )
 
-    routing = mixture.routing
+    routing, routing_candidates = mixture.routing, []
+    if choose_routing:
+        routing, routing_candidates = select_routing(gate, experts, dense_model, validation.x, validation.y,
+                                                     mixture.routing)
     metrics = {}
     for split_name, split in (("validation", validation), ("test", test)):
         moe = evaluate_mixture(gate, experts, split.x, split.y, routing, dense=dense_model)
@@ -89,6 +154,8 @@ def train_bundle(
         "experts": [expert.spec.to_dict() for expert in experts],
         "dense": dense_model.spec.to_dict(),
         "routing": asdict(routing),
+        "routing_selection": {"configured": asdict(mixture.routing), "split": "validation",
+                              "candidates": routing_candidates},
         "flops": {name: module.flops for name, module in modules.items()},
         "params": {name: count_parameters(module) for name, module in modules.items()},
         "metrics": metrics,
@@ -100,6 +167,7 @@ def train_bundle(
         "model_version": bundle.version,
         "seconds": round(time.perf_counter() - started, 1),
         "modules": module_table(manifest),
+        "routing": asdict(routing),
         "metrics": metrics,
     }
     return bundle, report
