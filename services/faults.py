@@ -2,8 +2,9 @@
 
 `{"fault": {"kind": "error"|"slow"|"noise", "until": <unix seconds or null>,
 "latency_s": <float>, "noise_scale": <float>}}`. `error` makes every call raise, `slow`
-adds `latency_s` to every batch, and `noise` adds random mass to the output
-probabilities so that answers are silently wrong.
+adds `latency_s` to every batch, and `noise` adds `noise_scale` of probability mass to
+one random class per row, so that answers are confidently and silently wrong (with
+the default 2.0, the random class gets at least two thirds of the mass).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["FAULT_KINDS", "Fault", "parse_fault"]
+import numpy as np
+
+__all__ = ["FAULT_KINDS", "Fault", "add_noise", "parse_fault"]
 
 FAULT_KINDS = ("error", "slow", "noise")
 
@@ -48,3 +51,14 @@ def parse_fault(value: dict[str, Any] | None) -> Fault | None:
     if fault.latency_s < 0 or fault.noise_scale < 0:
         raise ValueError("latency_s and noise_scale must be >= 0")
     return fault
+
+
+def add_noise(probs: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """The `noise` fault: `scale` more mass on one random class per row of probs [N, C], renormalised.
+
+    The answers stay confident, so confidence checks downstream (the escalation
+    threshold) pass them, and most of them are wrong.
+    """
+    noisy = probs.copy()
+    noisy[np.arange(len(probs)), rng.integers(0, probs.shape[1], size=len(probs))] += scale
+    return noisy / noisy.sum(axis=1, keepdims=True)

@@ -32,7 +32,7 @@ SUPERVISOR = {
     "step_windows": 2, "min_samples": 10, "min_agreement": 0.9, "max_error_rate": 0.05,
     # The latency limit is loose because CI machines are shared; the drill checks agreement.
     "max_p99_latency_s": 5.0,
-    "shadow_fraction": 0.5, "flush_interval_s": 0.25, "poll_interval_s": 0.5,
+    "shadow_fraction": 0.5, "shadow_window_s": 0.1, "flush_interval_s": 0.25, "poll_interval_s": 0.5,
 }
 QUICK = {"graceful_shutdown_timeout_s": 1.0, "graceful_shutdown_wait_loop_s": 0.2}
 SWITCHYARD = [sys.executable, "-m", "services"]
