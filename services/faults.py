@@ -56,8 +56,8 @@ def parse_fault(value: dict[str, Any] | None) -> Fault | None:
 def add_noise(probs: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
     """The `noise` fault: `scale` more mass on one random class per row of probs [N, C], renormalised.
 
-    The answers stay confident, so confidence checks downstream (the escalation
-    threshold) pass them, and most of them are wrong.
+    The outputs stay confident, so confidence checks downstream (the escalation
+    threshold) pass them, and most of their top classes are wrong.
     """
     noisy = probs.copy()
     noisy[np.arange(len(probs)), rng.integers(0, probs.shape[1], size=len(probs))] += scale

@@ -183,10 +183,10 @@ class ShadowEvaluator:
 
     `maybe_shadow` returns at once. Sampled requests wait up to `batch_window_s` in a
     pending batch (or until half of `max_in_flight` are pending), and each batch goes
-    to dense as ONE call, so shadow traffic adds one
-    handle call per window instead of one per sampled request. A dense call that the
-    router makes anyway can take the pending batch along (`take_pending`), and then
-    shadow traffic adds no handle call at all. At most `max_in_flight`
+    to dense as ONE call, so shadow traffic adds one handle call per window instead of
+    one per sampled request. A dense call that the router makes anyway can take the
+    pending batch along (`take_pending`), and then shadow traffic adds no handle call
+    at all. At most `max_in_flight`
     requests are pending or in flight per replica; requests beyond that are not
     shadowed (counted in `skipped`), so shadow traffic cannot pile up behind a slow
     dense model. A failed shadow call is logged (rate-limited) and not counted.
@@ -227,7 +227,7 @@ class ShadowEvaluator:
         moe_predictions = np.asarray(predictions)[moe_rows]
         self._pending.append((request_id, rows_x, moe_predictions, policy_version))
         if len(self._pending) * 2 >= self.max_in_flight:
-            # A full half of the in-flight budget leaves now rather than be skipped later.
+            # Half of the in-flight budget is waiting: send it now, before new samples get skipped.
             if self._flush_task is not None:
                 self._flush_task.cancel()
                 self._flush_task = None

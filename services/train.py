@@ -1,8 +1,8 @@
 """`switchyard train`: train gate, experts and dense model on one split; write a bundle.
 
 After training, `select_routing` may replace the configured routing with a cheaper one
-that is exactly as accurate on the validation split (see its docstring); the manifest
-records every candidate it scored.
+that is as accurate on the validation split. The manifest records every candidate it
+scored.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from services.mixture import DenseTrainConfig, MixtureTrainConfig, evaluate_mixt
 __all__ = ["DEFAULT_MIXTURE", "DEFAULT_DENSE", "module_table", "select_routing", "train_bundle"]
 
 # Values `select_routing` tries besides the configured ones: smaller top_p, lower gate
-# confidence floors and escalation thresholds (escalation judges the experts' own answer).
+# confidence floors and higher escalation thresholds (on the experts' combined output).
 ROUTING_TOP_P_CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.9)
 ROUTING_FLOOR_CANDIDATES = (0.0, 0.3)
 ROUTING_ESCALATION_CANDIDATES = (0.6, 0.7, 0.8, 0.9)
@@ -45,11 +45,11 @@ def select_routing(gate, experts, dense_model, x: np.ndarray, y: np.ndarray,
                    configured: RoutingConfig) -> tuple[RoutingConfig, list[dict]]:
     """The cheapest routing that is at least as accurate on (x, y) as `configured`.
 
-    Candidates keep the configured `min_k` and combine: every `max_k` from `min_k` up
-    to the configured one; the configured `top_p` and the smaller values of
-    `ROUTING_TOP_P_CANDIDATES`; the configured confidence floor and the lower values of
-    `ROUTING_FLOOR_CANDIDATES`; the configured escalation threshold and the higher
-    values of `ROUTING_ESCALATION_CANDIDATES`. If `configured` sends unsure rows to
+    Candidates keep the configured `min_k` and combine four lists. `max_k` runs from
+    `min_k` up to the configured one. `top_p` is the configured one or a smaller value
+    of `ROUTING_TOP_P_CANDIDATES`. The confidence floor is the configured one or a
+    lower value of `ROUTING_FLOOR_CANDIDATES`. The escalation threshold is the
+    configured one or a higher value of `ROUTING_ESCALATION_CANDIDATES`. If `configured` sends unsure rows to
     dense (a floor or an escalation threshold above 0), every candidate keeps at least
     one of the two above 0. A candidate qualifies when its accuracy
     is at least the configured routing's; the winner has the fewest FLOPs per example
@@ -60,7 +60,7 @@ def select_routing(gate, experts, dense_model, x: np.ndarray, y: np.ndarray,
     Returns the chosen routing and one record per candidate, in the order scored.
     """
     # A routing that sends unsure rows to dense keeps doing so: the choice may trade the
-    # gate's floor for escalation on the experts' answer, but not drop both.
+    # gate's floor for escalation on the experts' output, but not drop both.
     keeps_fallback = configured.confidence_floor > 0 or configured.escalate_below > 0
     top_ps = sorted({configured.top_p, *(p for p in ROUTING_TOP_P_CANDIDATES if p < configured.top_p)})
     floors = sorted({configured.confidence_floor,
