@@ -101,9 +101,17 @@ def train(
     typer.echo(f"{'module':<10} {'layers':<18} {'params':>9} {'FLOPs/example':>14}")
     for row in report["modules"]:
         typer.echo(f"{row['module']:<10} {row['layers']:<18} {row['params']:>9} {row['flops']:>14}")
-    routing = report["routing"]
-    typer.echo(f"routing (chosen on validation): top_p {routing['top_p']}, k {routing['min_k']}-{routing['max_k']}, "
-               f"confidence floor {routing['confidence_floor']}, escalate below {routing['escalate_below']}")
+    selection = report["routing_selection"]
+    if selection is not None:
+        typer.echo(f"routing, chosen on validation from {selection['candidates']} candidates "
+                   "(the cheapest that is at least as accurate as the configured one):")
+        for name in ("configured", "chosen"):
+            entry = selection[name]
+            routing = entry["routing"]
+            typer.echo(f"  {name:<10} top_p {routing['top_p']}, k {routing['min_k']}-{routing['max_k']}, "
+                       f"confidence floor {routing['confidence_floor']}, escalate below {routing['escalate_below']}: "
+                       f"accuracy {entry['validation_accuracy']:.4f}, {entry['flops_per_example']:,.0f} FLOPs/example, "
+                       f"to dense {entry['dense_fraction']:.1%}")
     test = report["metrics"]["test"]
     typer.echo(f"test accuracy: mixture {test['moe_accuracy']:.4f}, dense {test['dense_accuracy']:.4f}; "
                f"experts per request {test['mean_experts_per_request']:.2f}; "

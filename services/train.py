@@ -43,19 +43,23 @@ def _accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 def select_routing(gate, experts, dense_model, x: np.ndarray, y: np.ndarray,
                    configured: RoutingConfig) -> tuple[RoutingConfig, list[dict]]:
-    """The cheapest routing that is at least as accurate on (x, y) as `configured`.
+    """Return the cheapest routing that is at least as accurate on (x, y) as `configured`.
 
     Candidates keep the configured `min_k` and combine four lists. `max_k` runs from
-    `min_k` up to the configured one. `top_p` is the configured one or a smaller value
-    of `ROUTING_TOP_P_CANDIDATES`. The confidence floor is the configured one or a
-    lower value of `ROUTING_FLOOR_CANDIDATES`. The escalation threshold is the
-    configured one or a higher value of `ROUTING_ESCALATION_CANDIDATES`. If `configured` sends unsure rows to
-    dense (a floor or an escalation threshold above 0), every candidate keeps at least
-    one of the two above 0. A candidate qualifies when its accuracy
-    is at least the configured routing's; the winner has the fewest FLOPs per example
-    (dense rows included), then the fewest experts per routed row. The configured
-    routing is scored first and always qualifies, so the result is never less
-    accurate on (x, y).
+    `min_k` up to the configured one (a `max_k` above the number of experts counts as
+    the number of experts). `top_p` is the configured one or a smaller value of
+    `ROUTING_TOP_P_CANDIDATES`. The confidence floor is the configured one or a lower
+    value of `ROUTING_FLOOR_CANDIDATES`. The escalation threshold is the configured one
+    or a higher value of `ROUTING_ESCALATION_CANDIDATES`. If `configured` sends unsure
+    rows to dense (a floor or an escalation threshold above 0), every candidate keeps
+    at least one of the two above 0.
+
+    A candidate qualifies when its accuracy is at least the configured routing's. The
+    winner has the fewest FLOPs per example (dense rows included). Ties go to the
+    fewest experts per routed row, then to the fewest values changed from
+    `configured`, so settings that make no difference stay as configured. The
+    configured routing is scored first and always qualifies, so the result is never
+    less accurate on (x, y).
 
     Returns the chosen routing and one record per candidate, in the order scored.
     """
@@ -67,12 +71,15 @@ def select_routing(gate, experts, dense_model, x: np.ndarray, y: np.ndarray,
                      *(f for f in ROUTING_FLOOR_CANDIDATES if f < configured.confidence_floor)})
     escalations = sorted({configured.escalate_below,
                           *(e for e in ROUTING_ESCALATION_CANDIDATES if e > configured.escalate_below)})
-    candidates = [configured] + [
+    # More experts per row than the mixture has would only repeat the largest k.
+    highest_k = max(configured.min_k, min(configured.max_k, len(experts)))
+    start = replace(configured, max_k=highest_k)
+    candidates = [start] + [
         replace(configured, top_p=top_p, max_k=max_k, confidence_floor=floor, escalate_below=escalation)
-        for max_k in range(configured.min_k, configured.max_k + 1) for top_p in top_ps
+        for max_k in range(configured.min_k, highest_k + 1) for top_p in top_ps
         for floor in floors for escalation in escalations
-        if (top_p, max_k, floor, escalation) != (configured.top_p, configured.max_k, configured.confidence_floor,
-                                                  configured.escalate_below)
+        if (top_p, max_k, floor, escalation) != (start.top_p, start.max_k, start.confidence_floor,
+                                                  start.escalate_below)
         and (floor > 0 or escalation > 0 or not keeps_fallback)
     ]
     records = []
@@ -83,8 +90,14 @@ def select_routing(gate, experts, dense_model, x: np.ndarray, y: np.ndarray,
                         "dense_fraction": scored["dense_fraction"],
                         "mean_experts_per_request": scored["mean_experts_per_request"]})
     floor_accuracy = records[0]["accuracy"]
+
+    def changed(routing: RoutingConfig) -> int:
+        return sum(getattr(routing, name) != getattr(start, name)
+                   for name in ("top_p", "max_k", "confidence_floor", "escalate_below"))
+
     best = min((index for index, record in enumerate(records) if record["accuracy"] >= floor_accuracy),
-               key=lambda index: (records[index]["flops_per_example"], records[index]["mean_experts_per_request"]))
+               key=lambda index: (records[index]["flops_per_example"], records[index]["mean_experts_per_request"],
+                                  changed(candidates[index])))
     return candidates[best], records
 
 
@@ -154,8 +167,8 @@ def train_bundle(
         "experts": [expert.spec.to_dict() for expert in experts],
         "dense": dense_model.spec.to_dict(),
         "routing": asdict(routing),
-        "routing_selection": {"configured": asdict(mixture.routing), "split": "validation",
-                              "candidates": routing_candidates},
+        "routing_selection": {"configured": asdict(mixture.routing), "chosen": asdict(routing),
+                              "split": "validation", "candidates": routing_candidates},
         "flops": {name: module.flops for name, module in modules.items()},
         "params": {name: count_parameters(module) for name, module in modules.items()},
         "metrics": metrics,
@@ -168,9 +181,23 @@ def train_bundle(
         "seconds": round(time.perf_counter() - started, 1),
         "modules": module_table(manifest),
         "routing": asdict(routing),
+        "routing_selection": _selection_summary(mixture.routing, routing, routing_candidates),
         "metrics": metrics,
     }
     return bundle, report
+
+
+def _selection_summary(configured: RoutingConfig, chosen: RoutingConfig, candidates: list[dict]) -> dict | None:
+    """Validation accuracy and FLOPs of the configured and the chosen routing; None without a selection."""
+    if not candidates:
+        return None
+
+    def scores(routing: RoutingConfig) -> dict:
+        record = next((r for r in candidates if r["routing"] == asdict(routing)), candidates[0])
+        return {"routing": asdict(routing), "validation_accuracy": record["accuracy"],
+                "flops_per_example": record["flops_per_example"], "dense_fraction": record["dense_fraction"]}
+
+    return {"candidates": len(candidates), "configured": scores(configured), "chosen": scores(chosen)}
 
 
 def module_table(manifest: dict) -> list[dict]:

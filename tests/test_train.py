@@ -60,5 +60,34 @@ def test_bundle_records_the_selection(trained_bundle):
     chosen = next(record for record in selection["candidates"] if record["routing"] == manifest["routing"])
 
     assert selection["split"] == "validation"
+    assert selection["chosen"] == manifest["routing"]
     assert selection["candidates"][0]["routing"] == selection["configured"]
     assert chosen["accuracy"] >= selection["candidates"][0]["accuracy"]
+
+
+def test_max_k_above_the_expert_count_is_capped(modules, digits):
+    gate, experts, dense = modules
+    configured = RoutingConfig(top_p=0.6, min_k=1, max_k=len(experts) + 2, confidence_floor=0.5)
+
+    chosen, records = select_routing(gate, experts, dense, digits.validation.x, digits.validation.y, configured)
+
+    assert records[0]["routing"]["max_k"] == len(experts)
+    assert max(record["routing"]["max_k"] for record in records) == len(experts)
+    assert chosen.max_k <= len(experts)
+
+
+def test_ties_keep_the_configured_values(modules, digits):
+    gate, experts, dense = modules
+    configured = RoutingConfig(top_p=0.6, min_k=1, max_k=2, confidence_floor=0.5)
+    names = ("top_p", "max_k", "confidence_floor", "escalate_below")
+
+    chosen, records = select_routing(gate, experts, dense, digits.validation.x, digits.validation.y, configured)
+
+    def changed(routing: dict) -> int:
+        return sum(routing[name] != getattr(configured, name) for name in names)
+
+    chosen_record = next(record for record in records if record["routing"] == asdict(chosen))
+    ties = [record for record in records if record["accuracy"] >= records[0]["accuracy"]
+            and record["flops_per_example"] == chosen_record["flops_per_example"]
+            and record["mean_experts_per_request"] == chosen_record["mean_experts_per_request"]]
+    assert changed(chosen_record["routing"]) == min(changed(record["routing"]) for record in ties)
