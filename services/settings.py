@@ -171,8 +171,9 @@ class SupervisorSettings(_Strict):
     )
     max_shadow_in_flight: int = Field(32, ge=1, description="Shadow calls in flight per router replica; more are skipped.")
     shadow_window_s: float = Field(
-        0.5, gt=0, description="Seconds sampled requests wait to share one dense call, unless a dense call the "
-                               "router makes anyway takes them first, or half of max_shadow_in_flight are waiting."
+        0.5, gt=0, allow_inf_nan=False,
+        description="Seconds sampled requests wait to share one dense call, unless a dense call the router makes "
+                    "anyway takes them first, or half of max_shadow_in_flight are waiting; shorter than interval_s."
     )
     flush_interval_s: float = Field(0.5, gt=0, description="Seconds between quality-record flushes of each router replica.")
     poll_interval_s: float = Field(2.0, gt=0, description="Seconds between policy re-reads of each router replica.")
@@ -190,6 +191,11 @@ class SupervisorSettings(_Strict):
             raise ValueError(
                 f"flush_interval_s ({self.flush_interval_s} s) must be shorter than interval_s "
                 f"({self.interval_s} s), or windows miss the records of the last flush"
+            )
+        if self.shadow_window_s >= self.interval_s:
+            raise ValueError(
+                f"shadow_window_s ({self.shadow_window_s} s) must be shorter than interval_s "
+                f"({self.interval_s} s), or shadow comparisons reach the window after the one they belong to"
             )
         return self
 

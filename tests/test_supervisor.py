@@ -297,3 +297,12 @@ def test_settings_reject_step_above_max_weight():
 def test_settings_reject_flush_slower_than_interval():
     with pytest.raises(ValueError, match=r"flush_interval_s \(5.0 s\) must be shorter than interval_s"):
         SupervisorSettings(interval_s=5.0, flush_interval_s=5.0)
+
+
+@pytest.mark.parametrize(("window", "message"), [
+    (5.0, r"shadow_window_s \(5.0 s\) must be shorter than interval_s"),
+    (float("inf"), "finite number"),
+])
+def test_settings_reject_shadow_window_beyond_interval(window, message):
+    with pytest.raises(ValueError, match=message):
+        SupervisorSettings(interval_s=5.0, shadow_window_s=window)
