@@ -224,11 +224,12 @@ def _connect_ray(address: str) -> None:
 def drill(
     expert: Optional[int] = typer.Option(None, min=0, help="Expert id to inject the fault into."),
     fault: Optional[str] = typer.Option(None, help="Fault kind: error (calls raise), slow (added latency) or "
-                                                   "noise (silently wrong answers)."),
+                                                   "noise (confident, silently wrong answers)."),
     duration_s: Optional[float] = typer.Option(None, min=0, help="Seconds until the fault ends by itself; "
                                                                  "unset lasts until --clear."),
     latency_s: float = typer.Option(2.5, min=0, help="Seconds added to each batch by the slow fault."),
-    noise_scale: float = typer.Option(2.0, min=0, help="Mean of the noise added to each class probability."),
+    noise_scale: float = typer.Option(2.0, min=0, help="Probability mass the noise fault adds to one random "
+                                                         "class per row, before renormalising."),
     clear: bool = typer.Option(False, "--clear", help="Remove the fault of --expert, or of every expert."),
     json_output: bool = typer.Option(False, "--json", help="Print the faults now in force as JSON."),
 ) -> None:
@@ -239,6 +240,9 @@ def drill(
         _fail("pass --expert ID and --fault KIND to inject a fault, or --clear to remove faults")
     if clear and fault is not None:
         _fail("--clear removes faults and takes no --fault; pass one or the other")
+    if duration_s is not None and duration_s <= 0:
+        _fail(f"--duration-s must be greater than 0, got {duration_s}; leave it out for a fault that lasts "
+              "until --clear")
     runtime = _runtime()
     # Ray reads these when it is first imported, which the imports below do. Ray 2.60
     # sends its token (~/.ray/auth_token) to an explicit address only in token mode.

@@ -231,7 +231,7 @@ def decode_tensor(value: Any, field: str) -> np.ndarray:
     if isinstance(value, list):
         return _decode_nested_lists(value, field)
     raise RequestError(422, "invalid_field",
-                       f"{field} must be nested lists of numbers or a tensor map "
+                       f"{field} must be nested lists of numbers, or in msgpack a tensor map "
                        f"{{dtype, shape, data}}, got {type(value).__name__}", field=field)
 
 
@@ -255,8 +255,9 @@ def _decode_tensor_map(value: dict, field: str) -> np.ndarray:
                            field=f"{field}.shape")
     data = value["data"]
     if not isinstance(data, bytes):
-        raise RequestError(422, "invalid_field", f"{field}.data must be msgpack bin, got {type(data).__name__}",
-                           field=f"{field}.data")
+        raise RequestError(422, "invalid_field",
+                           f"{field}.data must be msgpack bin, got {type(data).__name__}; tensor maps need a "
+                           "msgpack body (JSON takes nested lists)", field=f"{field}.data")
     dtype = _ACCEPTED_DTYPES[dtype_name]
     expected_bytes = math.prod(shape) * dtype.itemsize
     if len(data) != expected_bytes:

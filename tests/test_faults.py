@@ -1,4 +1,4 @@
-"""Game-day fault parsing and the `noise` fault's effect on answers."""
+"""Game-day fault parsing, the `noise` fault's effect on probabilities, and drill options."""
 
 from __future__ import annotations
 
@@ -34,3 +34,15 @@ def test_invalid_faults_are_rejected(value, message):
 def test_empty_fault_clears():
     assert parse_fault({}) is None
     assert parse_fault(None) is None
+
+
+def test_drill_rejects_zero_duration(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    monkeypatch.setenv("SWITCHYARD_STATE_DIR", str(tmp_path))  # no runtime.json: must fail before it is read
+    result = CliRunner().invoke(app, ["drill", "--expert", "0", "--fault", "slow", "--duration-s", "0"])
+
+    assert result.exit_code == 2
+    assert "--duration-s must be greater than 0, got 0.0" in result.output
